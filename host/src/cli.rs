@@ -1,0 +1,196 @@
+//! The `hookmesh` command line: a thin face over the library. Every
+//! subcommand is one call into a module that tests call too.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::{Config, Env, Origin};
+use crate::nats::{self, Patience};
+use crate::streams::{self, Mode};
+use crate::{local, send, server};
+
+/// Signed webhooks into NATS JetStream, handled by sandboxed Wasm components.
+#[derive(Debug, Parser)]
+#[command(name = "hookmesh", version, about)]
+pub struct Cli {
+    /// The config file [default: ./hookmesh.toml when present, else the
+    /// built-in development config].
+    #[arg(long, global = true, env = "HOOKMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Development: start nats-server if none answers, apply streams, serve HTTP.
+    Up,
+    /// Production host: serve HTTP with the given config file.
+    Serve,
+    /// Streams, buckets and stores.
+    Streams {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
+    /// Sign a body with a provider's secret and POST it (a testing aid).
+    Send {
+        /// The provider, as named in the config.
+        #[arg(long)]
+        provider: String,
+        /// The body to send.
+        #[arg(long, value_name = "BODY")]
+        file: PathBuf,
+        /// Where to POST [default: the configured listener's /webhooks/PROVIDER].
+        #[arg(long)]
+        url: Option<String>,
+        /// Set the event type where the provider's config reads it.
+        #[arg(long, value_name = "T")]
+        event_type: Option<String>,
+        /// Set the event id (header-borne ids are otherwise generated fresh).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+    },
+}
+
+/// `hookmesh streams …`
+#[derive(Debug, Subcommand)]
+pub enum StreamsCommand {
+    /// Create or update every stream, bucket and store (idempotent).
+    Apply,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config =
+        Config::load(cli.config.as_deref(), &Env::from_process()).context("configuration")?;
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    match cli.command {
+        Command::Up => up(config).await,
+        Command::Serve => serve(config).await,
+        Command::Streams {
+            command: StreamsCommand::Apply,
+        } => apply_streams(&config).await,
+        Command::Send {
+            provider,
+            file,
+            url,
+            event_type,
+            id,
+        } => {
+            send_file(
+                &config,
+                &provider,
+                &file,
+                url,
+                event_type.as_deref(),
+                id.as_deref(),
+            )
+            .await
+        }
+    }
+}
+
+async fn up(config: Config) -> anyhow::Result<()> {
+    if config.origin == Origin::Builtin {
+        warn!(
+            "using the built-in development config: provider `crm` (standard-webhooks) signs with the PUBLIC secret \
+             whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw — for local use only, never expose this host"
+        );
+    }
+    let url = config.nats.urls.first().context("nats.url is empty")?;
+    let workdir = std::env::current_dir().context("working directory")?;
+    let local_nats = local::ensure(url, &workdir).await?;
+    let listener = bind(&config).await?;
+    let address = listener.local_addr()?;
+    info!(
+        "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json"
+    );
+    let result = server::run(config, listener, Mode::Update, shutdown_signal()).await;
+    if let Some(nats) = local_nats {
+        nats.stop().await;
+    }
+    Ok(result?)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    if config.origin == Origin::Builtin {
+        bail!(
+            "serve needs a config file (--config FILE or ./hookmesh.toml); \
+             the built-in development config and its public secret are for `hookmesh up` only"
+        );
+    }
+    let listener = bind(&config).await?;
+    Ok(server::run(config, listener, Mode::Ensure, shutdown_signal()).await?)
+}
+
+async fn apply_streams(config: &Config) -> anyhow::Result<()> {
+    let client = nats::connect(&config.nats, "hookmesh-cli", Patience::FailFast).await?;
+    let js = async_nats::jetstream::new(client);
+    for (stream, outcome) in streams::apply(&js, &config.ingest, Mode::Update).await? {
+        println!("{stream:<24} {outcome:?}");
+    }
+    Ok(())
+}
+
+async fn send_file(
+    config: &Config,
+    provider: &str,
+    file: &std::path::Path,
+    url: Option<String>,
+    event_type: Option<&str>,
+    id: Option<&str>,
+) -> anyhow::Result<()> {
+    let p = config.providers.get(provider).with_context(|| {
+        let known: Vec<_> = config.providers.keys().map(String::as_str).collect();
+        format!(
+            "unknown provider {provider:?}; configured: {}",
+            known.join(", ")
+        )
+    })?;
+    let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let signed = send::prepare(p, body, event_type, id, SystemTime::now())?;
+    let url = url.unwrap_or_else(|| send::default_url(&config.http, provider));
+    let answer = send::post(&url, signed).await?;
+    println!("{} {}", answer.status, answer.body.trim_end());
+    if !(200..300).contains(&answer.status) {
+        bail!("the host answered {}", answer.status);
+    }
+    Ok(())
+}
+
+async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutting down");
+}

@@ -1,0 +1,895 @@
+//! The typed configuration (`hookmesh.toml`).
+//!
+//! Loading goes in three layers: the file (or, without one, the built-in
+//! development defaults of `config/dev.toml`), then `HOOKMESH_<SECTION>_<KEY>`
+//! environment overrides, then validation into [`Config`]. Everything that can
+//! be wrong — an unknown key, a bad duration, a secret that cannot be
+//! resolved, a value source that is not `header:`/`json:` — fails here, at
+//! start, with a message naming the key; nothing is checked lazily later.
+//!
+//! Secrets are `env:VAR`, `file:PATH` or a literal. A provider may list
+//! several (rotation): an `env:` secret whose variable is unset is skipped
+//! with a warning as long as another secret of that provider resolves; a
+//! provider left with no secret at all is an error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
+
+/// The built-in development configuration used when no file is given.
+pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
+
+/// The file looked for in the working directory when `--config` is not given.
+pub const DEFAULT_FILE: &str = "hookmesh.toml";
+
+/// Environment variables with the `HOOKMESH_` prefix that are not overrides.
+const RESERVED_ENV: &[&str] = &["HOOKMESH_CONFIG", "HOOKMESH_LOG", "HOOKMESH_ACTOR"];
+
+/// The keys a provider table accepts; also used to split provider overrides
+/// (`HOOKMESH_PROVIDERS_<NAME>_<KEY>`) where names and keys contain `_`.
+const PROVIDER_KEYS: &[&str] = &[
+    "scheme",
+    "secrets",
+    "event_id",
+    "event_type",
+    "domain",
+    "entity_id",
+    "entity_version",
+    "tolerance",
+    "signature_header",
+    "encoding",
+    "prefix",
+    "timestamp_header",
+];
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's answer.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{origin} is not valid TOML: {message}")]
+    Syntax {
+        /// Where the text came from.
+        origin: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key has a value of the wrong shape, or is unknown.
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        /// Where the text came from.
+        origin: String,
+        /// The dotted key (`providers.crm.tolerance`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment override cannot be applied.
+    #[error("{var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A file given with `--config` or found in the working directory.
+    File(PathBuf),
+    /// The built-in development defaults.
+    Builtin,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Builtin => f.write_str("built-in development config"),
+        }
+    }
+}
+
+/// A snapshot of environment variables, so loading is a pure function of its
+/// inputs (tests pass their own; the binary passes the process's).
+#[derive(Debug, Clone, Default)]
+pub struct Env(BTreeMap<String, String>);
+
+impl Env {
+    /// The current process environment (non-UTF-8 variables are skipped).
+    pub fn from_process() -> Self {
+        Env(std::env::vars().collect())
+    }
+
+    /// An environment made of the given pairs.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Env(pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect())
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The NATS connection.
+    pub nats: NatsConfig,
+    /// The HTTP listener.
+    pub http: HttpConfig,
+    /// Ingest behaviour.
+    pub ingest: IngestConfig,
+    /// Providers by name (the `{provider}` of `/webhooks/{provider}`).
+    pub providers: BTreeMap<String, Provider>,
+    /// Things worth a warning at start (e.g. a skipped rotation secret).
+    pub warnings: Vec<String>,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URLs; the client picks any and fails over between them.
+    pub urls: Vec<String>,
+    /// A `.creds` file (JWT + nkey).
+    pub creds_file: Option<PathBuf>,
+    /// User name for user/password authentication.
+    pub user: Option<String>,
+    /// Password for user/password authentication (a resolved secret).
+    pub password: Option<Redacted>,
+    /// Token authentication (a resolved secret).
+    pub token: Option<Redacted>,
+    /// A CA certificate (PEM) to trust for TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for mutual TLS; needs `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    pub tls_required: bool,
+}
+
+/// A secret value that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+/// Ingest behaviour.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// `HOOK_EVENTS`' duplicate window (`Nats-Msg-Id` dedup horizon).
+    pub duplicate_window: Duration,
+    /// How long idempotency keys are kept (1–30 days).
+    pub idempotency_ttl: Duration,
+    /// How long to wait for JetStream before answering 503.
+    pub publish_timeout: Duration,
+    /// The `Retry-After` given with a 503.
+    pub retry_after: Duration,
+    /// How long `HOOK_EVENTS` keeps events.
+    pub max_age: Duration,
+    /// Partition count (fixed for the life of the stream).
+    pub partitions: u32,
+}
+
+/// Where one field of an event comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A request header.
+    Header(HeaderName),
+    /// A JSON pointer (RFC 6901) into the body.
+    Json(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Header(name) => write!(f, "header:{name}"),
+            Source::Json(pointer) => write!(f, "json:{pointer}"),
+        }
+    }
+}
+
+/// Where each field of a provider's events comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldSources {
+    /// The provider's own event id (optional: without it the idempotency key
+    /// is derived from the content).
+    pub event_id: Option<Source>,
+    /// The event type, e.g. `order.created` (required).
+    pub event_type: Source,
+    /// The domain; defaults to the event type's first segment.
+    pub domain: Option<Source>,
+    /// The entity the event is about (required).
+    pub entity_id: Source,
+    /// The entity's version or update time, when the provider sends one.
+    pub entity_version: Option<Source>,
+}
+
+/// One provider: how to verify and how to read its webhooks.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    /// The provider's name (the URL path segment and the subject token).
+    pub name: String,
+    /// Signature verification.
+    pub verifier: Verifier,
+    /// Field extraction.
+    pub fields: FieldSources,
+}
+
+impl Config {
+    /// Loads `path`, or `hookmesh.toml` in the working directory when present,
+    /// or the built-in development defaults; then applies `env` overrides.
+    pub fn load(path: Option<&Path>, env: &Env) -> Result<Config, ConfigError> {
+        let local = Path::new(DEFAULT_FILE);
+        match path {
+            Some(path) => Self::load_file(path, env),
+            None if local.exists() => Self::load_file(local, env),
+            None => Self::from_toml(DEV_CONFIG, Origin::Builtin, env),
+        }
+    }
+
+    /// Loads a file, then applies `env` overrides.
+    pub fn load_file(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, Origin::File(path.to_path_buf()), env)
+    }
+
+    /// Parses TOML text, applies `env` overrides and validates.
+    pub fn from_toml(text: &str, origin: Origin, env: &Env) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                })?;
+        apply_env_overrides(&mut table, env)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key: e.path().to_string(),
+                    message: e.inner().message().to_string(),
+                }
+            })?;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            message,
+        };
+        let mut warnings = Vec::new();
+        let nats = raw.nats.resolve(env).map_err(|(k, m)| invalid(k, m))?;
+        let ingest = raw.ingest.resolve().map_err(|(k, m)| invalid(k, m))?;
+        let mut providers = BTreeMap::new();
+        for (name, provider) in raw.providers {
+            let provider = provider
+                .resolve(&name, env, &mut warnings)
+                .map_err(|(k, m)| invalid(k, m))?;
+            providers.insert(name, provider);
+        }
+        Ok(Config {
+            origin,
+            nats,
+            http: HttpConfig {
+                listen: raw.http.listen,
+                max_body_bytes: raw.http.max_body_bytes.0 as usize,
+            },
+            ingest,
+            providers,
+            warnings,
+        })
+    }
+}
+
+/// A failure inside validation: the dotted key and the message.
+type KeyError = (String, String);
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    nats: RawNats,
+    http: RawHttp,
+    ingest: RawIngest,
+    providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNats {
+    url: OneOrMany,
+    creds_file: Option<PathBuf>,
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_required: Lenient<bool>,
+}
+
+impl Default for RawNats {
+    fn default() -> Self {
+        RawNats {
+            url: OneOrMany(vec!["nats://127.0.0.1:4222".into()]),
+            creds_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: Lenient(false),
+        }
+    }
+}
+
+impl RawNats {
+    fn resolve(self, env: &Env) -> Result<NatsConfig, KeyError> {
+        // `HOOKMESH_NATS_URL=nats://a:4222,nats://b:4222` is a list too.
+        let urls: Vec<String> = (self.url.0.iter())
+            .flat_map(|u| u.split(','))
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(("nats.url".into(), "at least one URL is needed".into()));
+        }
+        if self.password.is_some() != self.user.is_some() {
+            return Err(("nats.user".into(), "user and password go together".into()));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err((
+                "nats.tls_cert".into(),
+                "tls_cert and tls_key go together".into(),
+            ));
+        }
+        let secret = |key: &str, value: Option<String>| -> Result<Option<Redacted>, KeyError> {
+            match value {
+                None => Ok(None),
+                Some(reference) => match resolve_secret(&reference, env) {
+                    Ok(Some(v)) => Ok(Some(Redacted(v))),
+                    Ok(None) => Err((key.into(), format!("{} is not set", env_name(&reference)))),
+                    Err(message) => Err((key.into(), message)),
+                },
+            }
+        };
+        Ok(NatsConfig {
+            urls,
+            creds_file: self.creds_file,
+            user: self.user,
+            password: secret("nats.password", self.password)?,
+            token: secret("nats.token", self.token)?,
+            tls_ca: self.tls_ca,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_required: self.tls_required.0,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    listen: SocketAddr,
+    max_body_bytes: Lenient<u64>,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: Lenient(1024 * 1024),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIngest {
+    duplicate_window: Humane,
+    idempotency_ttl: Humane,
+    publish_timeout: Humane,
+    retry_after: Humane,
+    max_age: Humane,
+    partitions: Lenient<u32>,
+}
+
+impl Default for RawIngest {
+    fn default() -> Self {
+        RawIngest {
+            duplicate_window: Humane(Duration::from_secs(120)),
+            idempotency_ttl: Humane(Duration::from_secs(7 * 86_400)),
+            publish_timeout: Humane(Duration::from_secs(5)),
+            retry_after: Humane(Duration::from_secs(5)),
+            max_age: Humane(Duration::from_secs(7 * 86_400)),
+            partitions: Lenient(16),
+        }
+    }
+}
+
+impl RawIngest {
+    fn resolve(self) -> Result<IngestConfig, KeyError> {
+        const DAY: u64 = 86_400;
+        let ttl = self.idempotency_ttl.0;
+        if ttl < Duration::from_secs(DAY) || ttl > Duration::from_secs(30 * DAY) {
+            return Err((
+                "ingest.idempotency_ttl".into(),
+                "must be between 1d and 30d".into(),
+            ));
+        }
+        if self.duplicate_window.0 < Duration::from_secs(1) {
+            return Err((
+                "ingest.duplicate_window".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if self.duplicate_window.0 > self.max_age.0 {
+            return Err((
+                "ingest.duplicate_window".into(),
+                "must not exceed ingest.max_age".into(),
+            ));
+        }
+        if self.publish_timeout.0 < Duration::from_millis(10) {
+            return Err((
+                "ingest.publish_timeout".into(),
+                "must be at least 10ms".into(),
+            ));
+        }
+        if !(1..=4096).contains(&self.partitions.0) {
+            return Err((
+                "ingest.partitions".into(),
+                "must be between 1 and 4096".into(),
+            ));
+        }
+        Ok(IngestConfig {
+            duplicate_window: self.duplicate_window.0,
+            idempotency_ttl: ttl,
+            publish_timeout: self.publish_timeout.0,
+            retry_after: self.retry_after.0.max(Duration::from_secs(1)),
+            max_age: self.max_age.0,
+            partitions: self.partitions.0,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    scheme: RawScheme,
+    #[serde(default)]
+    secrets: OneOrMany,
+    event_id: Option<String>,
+    event_type: Option<String>,
+    domain: Option<String>,
+    entity_id: Option<String>,
+    entity_version: Option<String>,
+    tolerance: Option<Humane>,
+    signature_header: Option<String>,
+    encoding: Option<RawEncoding>,
+    prefix: Option<String>,
+    timestamp_header: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum RawScheme {
+    StandardWebhooks,
+    Stripe,
+    Github,
+    Shopify,
+    HmacSha256,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawEncoding {
+    Hex,
+    Base64,
+}
+
+impl RawProvider {
+    fn resolve(
+        self,
+        name: &str,
+        env: &Env,
+        warnings: &mut Vec<String>,
+    ) -> Result<Provider, KeyError> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err((
+                format!("providers.{name}"),
+                "a provider name may only contain letters, digits, '_' and '-'".into(),
+            ));
+        }
+        let scheme = self.scheme(name)?;
+        let defaults = scheme_defaults(self.scheme);
+        let source = |k: &str,
+                      given: Option<String>,
+                      default: Option<&str>|
+         -> Result<Option<Source>, KeyError> {
+            given
+                .as_deref()
+                .or(default)
+                .map(|s| parse_source(s).map_err(|m| (key(k), m)))
+                .transpose()
+        };
+        let required =
+            |k: &str, given: Option<String>, default: Option<&str>| -> Result<Source, KeyError> {
+                source(k, given, default)?
+                    .ok_or_else(|| (key(k), "required for this scheme".to_string()))
+            };
+        let fields = FieldSources {
+            event_id: source("event_id", self.event_id, defaults.event_id)?,
+            event_type: required("event_type", self.event_type, defaults.event_type)?,
+            domain: source("domain", self.domain, defaults.domain)?,
+            entity_id: required("entity_id", self.entity_id, defaults.entity_id)?,
+            entity_version: source("entity_version", self.entity_version, None)?,
+        };
+        let mut secrets = Vec::new();
+        let mut unset = Vec::new();
+        for (i, reference) in self.secrets.0.iter().enumerate() {
+            let k = format!("providers.{name}.secrets[{i}]");
+            match resolve_secret(reference, env).map_err(|m| (k.clone(), m))? {
+                Some(value) => {
+                    secrets.push(SecretKey::parse(&scheme, &value).map_err(|e| (k, e.to_string()))?)
+                }
+                None => unset.push((k, env_name(reference))),
+            }
+        }
+        if secrets.is_empty() {
+            let why = if unset.is_empty() {
+                "no secret configured".to_string()
+            } else {
+                let vars: Vec<_> = unset.iter().map(|(_, var)| var.as_str()).collect();
+                format!("no secret available: {} not set", vars.join(", "))
+            };
+            return Err((key("secrets"), why));
+        }
+        for (k, var) in unset {
+            warnings.push(format!(
+                "{k}: {var} is not set; using the provider's other secrets"
+            ));
+        }
+        let tolerance = self.tolerance.map_or(Duration::from_secs(300), |t| t.0);
+        Ok(Provider {
+            name: name.to_string(),
+            verifier: Verifier {
+                scheme,
+                secrets,
+                tolerance,
+            },
+            fields,
+        })
+    }
+
+    fn scheme(&self, name: &str) -> Result<Scheme, KeyError> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let generic_only = [
+            ("signature_header", self.signature_header.is_some()),
+            ("encoding", self.encoding.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("timestamp_header", self.timestamp_header.is_some()),
+        ];
+        let misplaced = generic_only.iter().find(|(_, set)| *set);
+        if let (true, Some((k, _))) = (self.scheme != RawScheme::HmacSha256, misplaced) {
+            return Err((key(k), "only applies to scheme = \"hmac-sha256\"".into()));
+        }
+        Ok(match self.scheme {
+            RawScheme::StandardWebhooks => Scheme::StandardWebhooks,
+            RawScheme::Stripe => Scheme::Stripe,
+            RawScheme::Github => Scheme::Github,
+            RawScheme::Shopify => Scheme::Shopify,
+            RawScheme::HmacSha256 => {
+                let header = self.signature_header.clone().ok_or_else(|| {
+                    (
+                        key("signature_header"),
+                        "required for scheme = \"hmac-sha256\"".to_string(),
+                    )
+                })?;
+                let check = |k: &str, v: &str| {
+                    HeaderName::try_from(v)
+                        .map(|_| v.to_string())
+                        .map_err(|_| (key(k), format!("{v:?} is not a valid header name")))
+                };
+                Scheme::Hmac(GenericHmac {
+                    signature_header: check("signature_header", &header)?,
+                    encoding: match self.encoding {
+                        Some(RawEncoding::Base64) => Encoding::Base64,
+                        Some(RawEncoding::Hex) | None => Encoding::Hex,
+                    },
+                    prefix: self.prefix.clone().filter(|p| !p.is_empty()),
+                    timestamp_header: self
+                        .timestamp_header
+                        .as_deref()
+                        .map(|h| check("timestamp_header", h))
+                        .transpose()?,
+                })
+            }
+        })
+    }
+}
+
+/// Per-scheme defaults for the value sources.
+struct SchemeDefaults {
+    event_id: Option<&'static str>,
+    event_type: Option<&'static str>,
+    domain: Option<&'static str>,
+    entity_id: Option<&'static str>,
+}
+
+fn scheme_defaults(scheme: RawScheme) -> SchemeDefaults {
+    match scheme {
+        RawScheme::StandardWebhooks => SchemeDefaults {
+            event_id: Some("header:webhook-id"),
+            event_type: Some("json:/type"),
+            domain: None,
+            entity_id: Some("json:/data/id"),
+        },
+        RawScheme::Stripe => SchemeDefaults {
+            event_id: Some("json:/id"),
+            event_type: Some("json:/type"),
+            domain: Some("json:/data/object/object"),
+            entity_id: Some("json:/data/object/id"),
+        },
+        RawScheme::Github => SchemeDefaults {
+            event_id: Some("header:X-GitHub-Delivery"),
+            event_type: Some("header:X-GitHub-Event"),
+            domain: None,
+            entity_id: Some("json:/repository/full_name"),
+        },
+        RawScheme::Shopify => SchemeDefaults {
+            event_id: Some("header:X-Shopify-Webhook-Id"),
+            event_type: Some("header:X-Shopify-Topic"),
+            domain: None,
+            entity_id: Some("json:/id"),
+        },
+        RawScheme::HmacSha256 => SchemeDefaults {
+            event_id: None,
+            event_type: None,
+            domain: None,
+            entity_id: None,
+        },
+    }
+}
+
+/// Parses `header:NAME` or `json:POINTER`.
+pub fn parse_source(text: &str) -> Result<Source, String> {
+    if let Some(name) = text.strip_prefix("header:") {
+        HeaderName::try_from(name)
+            .map(Source::Header)
+            .map_err(|_| format!("{name:?} is not a valid header name"))
+    } else if let Some(pointer) = text.strip_prefix("json:") {
+        if pointer.is_empty() || pointer.starts_with('/') {
+            Ok(Source::Json(pointer.to_string()))
+        } else {
+            Err(format!(
+                "{pointer:?} is not a JSON pointer (RFC 6901): it must start with '/'"
+            ))
+        }
+    } else {
+        Err(format!(
+            "{text:?} must be \"header:NAME\" or \"json:/pointer\""
+        ))
+    }
+}
+
+/// Resolves `env:VAR`, `file:PATH` or a literal. `Ok(None)`: the variable is
+/// unset or empty.
+fn resolve_secret(reference: &str, env: &Env) -> Result<Option<String>, String> {
+    if let Some(var) = reference.strip_prefix("env:") {
+        Ok(env.get(var).filter(|v| !v.is_empty()).map(str::to_string))
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read secret file {path}: {e}"))?;
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text.is_empty() {
+            return Err(format!("secret file {path} is empty"));
+        }
+        Ok(Some(text.to_string()))
+    } else if reference.is_empty() {
+        Err("empty secret".into())
+    } else {
+        Ok(Some(reference.to_string()))
+    }
+}
+
+fn env_name(reference: &str) -> String {
+    let var = reference.strip_prefix("env:").unwrap_or(reference);
+    format!("environment variable {var}")
+}
+
+/// Applies `HOOKMESH_<SECTION>_<KEY>` variables onto the parsed file.
+fn apply_env_overrides(table: &mut toml::Table, env: &Env) -> Result<(), ConfigError> {
+    for (var, value) in &env.0 {
+        let Some(rest) = var.strip_prefix("HOOKMESH_") else {
+            continue;
+        };
+        if RESERVED_ENV.contains(&var.as_str()) {
+            continue;
+        }
+        let fail = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let rest = rest.to_ascii_lowercase();
+        let (section, key) = rest
+            .split_once('_')
+            .ok_or_else(|| fail("expected HOOKMESH_<SECTION>_<KEY>".into()))?;
+        let value = env_value(value).map_err(fail)?;
+        match section {
+            "nats" | "http" | "ingest" => {
+                section_table(table, section)
+                    .map_err(&fail)?
+                    .insert(key.to_string(), value);
+            }
+            "providers" => {
+                let (name, key) = PROVIDER_KEYS
+                    .iter()
+                    .find_map(|k| {
+                        key.strip_suffix(k)
+                            .and_then(|n| n.strip_suffix('_'))
+                            .filter(|n| !n.is_empty())
+                            .map(|n| (n, *k))
+                    })
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "expected HOOKMESH_PROVIDERS_<NAME>_<KEY>, KEY one of {PROVIDER_KEYS:?}"
+                        ))
+                    })?;
+                let providers = section_table(table, "providers").map_err(&fail)?;
+                // Provider names are matched case-insensitively, `_` standing for `-`.
+                let existing = providers
+                    .keys()
+                    .find(|p| p.to_ascii_lowercase().replace('-', "_") == name)
+                    .cloned()
+                    .unwrap_or_else(|| name.to_string());
+                let entry = providers
+                    .entry(existing.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(provider) = entry else {
+                    return Err(fail(format!("providers.{existing} is not a table")));
+                };
+                provider.insert(key.to_string(), value);
+            }
+            other => return Err(fail(format!("unknown section {other:?}"))),
+        }
+    }
+    Ok(())
+}
+
+fn section_table<'t>(
+    table: &'t mut toml::Table,
+    section: &str,
+) -> Result<&'t mut toml::Table, String> {
+    match table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        toml::Value::Table(t) => Ok(t),
+        _ => Err(format!("{section} is not a table")),
+    }
+}
+
+/// An override is a string, or a TOML array when it starts with `[`
+/// (`HOOKMESH_PROVIDERS_CRM_SECRETS='["env:A", "env:B"]'`). Numbers and
+/// booleans stay strings: the fields that take them also accept strings.
+fn env_value(text: &str) -> Result<toml::Value, String> {
+    if text.trim_start().starts_with('[') {
+        let doc: toml::Table = format!("v = {text}")
+            .parse()
+            .map_err(|e: toml::de::Error| format!("not a TOML array: {}", e.message()))?;
+        doc.get("v")
+            .cloned()
+            .ok_or_else(|| "not a TOML array".to_string())
+    } else {
+        Ok(toml::Value::String(text.to_string()))
+    }
+}
+
+/// A duration written for humans: `90s`, `5m`, `7d`, `1h 30m`.
+#[derive(Debug, Clone, Copy)]
+struct Humane(Duration);
+
+impl<'de> Deserialize<'de> for Humane {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Humane).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration like \"90s\", \"5m\" or \"7d\": {e}"
+            ))
+        })
+    }
+}
+
+/// A number or boolean that may also be written as a string (so environment
+/// overrides, which are strings, work for every key).
+#[derive(Debug, Clone, Copy)]
+struct Lenient<T>(T);
+
+impl<'de, T> Deserialize<'de> for Lenient<T>
+where
+    T: Deserialize<'de> + std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either<T> {
+            Value(T),
+            Text(String),
+        }
+        match Either::<T>::deserialize(d)? {
+            Either::Value(v) => Ok(Lenient(v)),
+            Either::Text(s) => s
+                .trim()
+                .parse()
+                .map(Lenient)
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}"))),
+        }
+    }
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Default)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::One(s) => OneOrMany(vec![s]),
+            Either::Many(v) => OneOrMany(v),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

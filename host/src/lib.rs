@@ -1,0 +1,39 @@
+//! hookmesh: signed webhooks into NATS JetStream — verified, deduplicated,
+//! durable — for sandboxed handlers to process in per-entity order.
+//!
+//! # Layout
+//!
+//! Data flows one way: HTTP request → [`verify`] → [`extract`] → [`publish`]
+//! → `HOOK_EVENTS`. Each module has one job:
+//!
+//! - [`config`]: the typed `hookmesh.toml`, environment overrides, validation.
+//! - [`verify`]: pure signature verification (and signing) per scheme.
+//! - [`extract`]: event id, type, domain, entity and version out of a
+//!   request; the idempotency key.
+//! - [`subject`]: subject layout, reversible token encoding, partitions.
+//! - [`streams`]: stream and bucket definitions (`nats/streams/*.json`) and
+//!   applying them.
+//! - [`publish`]: storing an event exactly once (KV + `Nats-Msg-Id`).
+//! - [`ingress`]: the HTTP API and its answers.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`nats`]: connecting as configured.
+//! - [`server`]: running the host and stopping it cleanly.
+//! - [`local`]: the development NATS server that `hookmesh up` starts.
+//! - [`send`]: signing and POSTing a test webhook (`hookmesh send`).
+//! - [`cli`]: the `hookmesh` command line, a thin face over the above.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod extract;
+pub mod ingress;
+pub mod local;
+pub mod metrics;
+pub mod nats;
+pub mod publish;
+pub mod send;
+pub mod server;
+pub mod streams;
+pub mod subject;
+pub mod verify;

@@ -1,0 +1,170 @@
+//! The development NATS server that `hookmesh up` starts when nothing
+//! answers on the configured URL: `nats-server -js` as a child process, its
+//! store under `.hookmesh/` in the working directory, stopped on exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tracing::info;
+
+/// Why the local server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The URL is not `nats://host:port`.
+    #[error("nats.url {0:?}: expected nats://HOST:PORT")]
+    BadUrl(String),
+    /// Nothing answers and the URL is not on this machine.
+    #[error(
+        "nothing answers on {0}, and it is not a local address hookmesh could start a server on"
+    )]
+    NotLocal(String),
+    /// No `nats-server` binary was found.
+    #[error(
+        "nothing answers on {0} and nats-server is not installed; install it (apt-get install -y nats-server) or set NATS_SERVER_BIN"
+    )]
+    NoBinary(String),
+    /// Files under `.hookmesh/` could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's answer.
+        source: std::io::Error,
+    },
+    /// The server did not start listening.
+    #[error("nats-server did not start within 15s; see {0}")]
+    NotReady(PathBuf),
+}
+
+/// A `nats-server` child process.
+#[derive(Debug)]
+pub struct LocalNats {
+    child: Child,
+    log: PathBuf,
+}
+
+/// Starts a local server unless something already answers on `url`.
+/// `workdir/.hookmesh/` holds its config, store and log.
+pub async fn ensure(url: &str, workdir: &Path) -> Result<Option<LocalNats>, LocalError> {
+    let (host, port) = host_port(url)?;
+    if answers(&host, port).await {
+        return Ok(None);
+    }
+    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1" | "[::1]") {
+        return Err(LocalError::NotLocal(url.to_string()));
+    }
+    let bin = server_binary().ok_or_else(|| LocalError::NoBinary(url.to_string()))?;
+    let dir = workdir.join(".hookmesh");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LocalError::Io { path, source }
+    };
+    tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+    let conf = dir.join("nats.conf");
+    let log = dir.join("nats.log");
+    let store = dir.join("nats");
+    // max_payload leaves room for a 1 MiB webhook (hookmesh's default
+    // limit) plus its headers; the server's own default is exactly 1 MiB.
+    let text = format!(
+        "listen: \"{host}:{port}\"\nserver_name: hookmesh-dev\nmax_payload: 2MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+        store.display()
+    );
+    tokio::fs::write(&conf, text).await.map_err(io(&conf))?;
+    let child = Command::new(&bin)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-l")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: Ctrl-C reaches hookmesh only, which stops
+        // HTTP first and then this server, in that order.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io(&bin))?;
+    let server = LocalNats { child, log };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !answers(&host, port).await {
+        if Instant::now() > deadline {
+            return Err(LocalError::NotReady(server.log.clone()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(bin = %bin.display(), store = %store.display(), log = %server.log.display(), "started a local nats-server");
+    Ok(Some(server))
+}
+
+impl LocalNats {
+    /// Stops the server gracefully (SIGTERM), killing it after 10 s.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) with a pid we spawned and still own; no memory
+            // is shared with the call.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        info!("local nats-server stopped");
+    }
+}
+
+fn host_port(url: &str) -> Result<(String, u16), LocalError> {
+    let bad = || LocalError::BadUrl(url.to_string());
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let (host, port) = rest
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .ok_or_else(bad)?;
+    Ok((host.to_string(), port.parse().map_err(|_| bad())?))
+}
+
+async fn answers(host: &str, port: u16) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect((host, port))).await,
+        Ok(Ok(_))
+    )
+}
+
+/// `$NATS_SERVER_BIN`, else `nats-server` on `PATH`, else Debian's
+/// `/usr/sbin/nats-server` (not on a normal user's `PATH`).
+fn server_binary() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN").filter(|b| !b.is_empty()) {
+        return Some(PathBuf::from(bin));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nats-server"))
+        .chain([PathBuf::from("/usr/sbin/nats-server")])
+        .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        assert_eq!(
+            host_port("nats://127.0.0.1:4222").ok(),
+            Some(("127.0.0.1".into(), 4222))
+        );
+        assert_eq!(
+            host_port("nats://u:p@localhost:4333").ok(),
+            Some(("localhost".into(), 4333))
+        );
+        assert!(host_port("nats://nohost").is_err());
+    }
+}

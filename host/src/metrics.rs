@@ -1,0 +1,154 @@
+//! Prometheus metrics, served at `GET /metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A provider label. Unknown providers are counted as `unknown`, so a
+/// client cannot blow up the label cardinality with random paths.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    /// The provider.
+    pub provider: String,
+}
+
+/// A rejection label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabel {
+    /// The provider (or `unknown`).
+    pub provider: String,
+    /// Why: `unknown_provider`, `too_large`, `missing_header`,
+    /// `malformed_header`, `stale_timestamp`, `bad_signature`,
+    /// `unprocessable`, `unavailable`.
+    pub reason: &'static str,
+}
+
+/// The host's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    accepted: Family<ProviderLabel, Counter>,
+    duplicates: Family<ProviderLabel, Counter>,
+    rejected: Family<RejectionLabel, Counter>,
+    publish_seconds: Histogram,
+    in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("hookmesh");
+        let accepted = Family::<ProviderLabel, Counter>::default();
+        let duplicates = Family::<ProviderLabel, Counter>::default();
+        let rejected = Family::<RejectionLabel, Counter>::default();
+        // 0.25 ms … ~8 s.
+        let publish_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let in_flight = Gauge::default();
+        registry.register(
+            "webhooks_accepted",
+            "Webhooks stored (answered 202)",
+            accepted.clone(),
+        );
+        registry.register(
+            "webhooks_duplicates",
+            "Webhooks already stored before (answered 200 duplicate)",
+            duplicates.clone(),
+        );
+        registry.register(
+            "webhooks_rejected",
+            "Webhooks refused, by reason",
+            rejected.clone(),
+        );
+        registry.register(
+            "publish_duration_seconds",
+            "Time to store one webhook in JetStream, dedup included",
+            publish_seconds.clone(),
+        );
+        registry.register(
+            "webhooks_in_flight",
+            "Webhook requests being handled now",
+            in_flight.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                accepted,
+                duplicates,
+                rejected,
+                publish_seconds,
+                in_flight,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Counts a stored webhook.
+    pub fn accepted(&self, provider: &str) {
+        self.inner.accepted.get_or_create(&label(provider)).inc();
+    }
+
+    /// Counts a duplicate.
+    pub fn duplicate(&self, provider: &str) {
+        self.inner.duplicates.get_or_create(&label(provider)).inc();
+    }
+
+    /// Counts a rejection.
+    pub fn rejected(&self, provider: &str, reason: &'static str) {
+        let provider = provider.to_string();
+        self.inner
+            .rejected
+            .get_or_create(&RejectionLabel { provider, reason })
+            .inc();
+    }
+
+    /// Records how long storing took.
+    pub fn publish_took(&self, elapsed: Duration) {
+        self.inner.publish_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.inner.in_flight.inc();
+        InFlight(self.inner.in_flight.clone())
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+}
+
+fn label(provider: &str) -> ProviderLabel {
+    ProviderLabel {
+        provider: provider.to_string(),
+    }
+}
+
+/// Decrements the in-flight gauge on drop.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

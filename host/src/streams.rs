@@ -1,0 +1,235 @@
+//! The streams and buckets hookmesh needs, and applying them to a server.
+//!
+//! The definitions are the JSON files under `nats/streams/` — the very files
+//! `nats stream add --config nats/streams/HOOK_EVENTS.json` accepts — compiled
+//! into the binary; the values the config controls (max age, duplicate
+//! window, idempotency TTL, partition count) are set on top at apply time.
+//!
+//! Buckets are created as their backing `KV_<bucket>` streams rather than
+//! through the client's `create_key_value`, which fails against
+//! nats-server 2.9.x; the bucket is then opened with `get_key_value`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::IngestConfig;
+
+/// The stream every event lives in.
+pub const EVENTS_STREAM: &str = "HOOK_EVENTS";
+/// The KV bucket of idempotency keys.
+pub const IDEMPOTENCY_BUCKET: &str = "hook_idempotency";
+
+const EVENTS_JSON: &str = include_str!("../../nats/streams/HOOK_EVENTS.json");
+const IDEMPOTENCY_JSON: &str = include_str!("../../nats/streams/KV_hook_idempotency.json");
+
+/// Why streams could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    /// A compiled-in definition does not parse (a bug caught by the tests).
+    #[error("definition {name}: {source}")]
+    Definition {
+        /// The file.
+        name: &'static str,
+        /// The parser's message.
+        source: serde_json::Error,
+    },
+    /// The server refused or did not answer.
+    #[error("{stream}: {message}")]
+    Server {
+        /// The stream.
+        stream: String,
+        /// The server's or client's message.
+        message: String,
+    },
+    /// The existing stream disagrees with the config in a way that cannot
+    /// change (the partition count).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// What [`apply`] does to a stream that exists already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Create what is missing, leave existing streams as they are
+    /// (what `serve` and `up` do at start).
+    Ensure,
+    /// Create what is missing and update what differs (`streams apply`).
+    Update,
+}
+
+/// What happened to one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It did not exist and was created.
+    Created,
+    /// It differed and was updated.
+    Updated,
+    /// It was already as defined (or left alone in [`Mode::Ensure`]).
+    Unchanged,
+}
+
+/// The full definitions, with the config's values applied.
+pub fn definitions(ingest: &IngestConfig) -> Result<Vec<stream::Config>, StreamsError> {
+    let parse = |name: &'static str, json: &str| {
+        serde_json::from_str::<stream::Config>(json)
+            .map_err(|source| StreamsError::Definition { name, source })
+    };
+    let mut events = parse("HOOK_EVENTS.json", EVENTS_JSON)?;
+    events.max_age = ingest.max_age;
+    events.duplicate_window = ingest.duplicate_window;
+    events.description = Some(events_description(ingest.partitions));
+
+    let mut idempotency = parse("KV_hook_idempotency.json", IDEMPOTENCY_JSON)?;
+    idempotency.max_age = ingest.idempotency_ttl;
+    idempotency.duplicate_window = ingest.idempotency_ttl.min(Duration::from_secs(120));
+    Ok(vec![events, idempotency])
+}
+
+/// The partition count is written into `HOOK_EVENTS`' description, where
+/// every nats-server version keeps it, so a host configured with another
+/// count refuses to start instead of silently breaking per-entity order.
+fn events_description(partitions: u32) -> String {
+    format!(
+        "hookmesh events: hook.<provider>.<domain>.<partition>.<entity>.<event type...>; partitions={partitions}"
+    )
+}
+
+/// Reads the partition count back from a description.
+fn described_partitions(description: Option<&str>) -> Option<u32> {
+    description?
+        .rsplit("partitions=")
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Creates (and in [`Mode::Update`] updates) every stream and bucket.
+pub async fn apply(
+    js: &jetstream::Context,
+    ingest: &IngestConfig,
+    mode: Mode,
+) -> Result<Vec<(String, Outcome)>, StreamsError> {
+    let mut outcomes = Vec::new();
+    for wanted in definitions(ingest)? {
+        let name = wanted.name.clone();
+        let server = |e: &dyn std::fmt::Display| StreamsError::Server {
+            stream: name.clone(),
+            message: e.to_string(),
+        };
+        let outcome = match js.get_stream(&name).await {
+            Ok(mut existing) => {
+                let current = existing
+                    .info()
+                    .await
+                    .map_err(|e| server(&e))?
+                    .config
+                    .clone();
+                if name == EVENTS_STREAM {
+                    check_partitions(&current, ingest.partitions)?;
+                }
+                if mode == Mode::Update && differs(&current, &wanted) {
+                    js.update_stream(wanted).await.map_err(|e| server(&e))?;
+                    Outcome::Updated
+                } else {
+                    Outcome::Unchanged
+                }
+            }
+            Err(e) if is_not_found(&e) => {
+                js.create_stream(wanted).await.map_err(|e| server(&e))?;
+                Outcome::Created
+            }
+            Err(e) => return Err(server(&e)),
+        };
+        outcomes.push((name, outcome));
+    }
+    Ok(outcomes)
+}
+
+fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Checks that every stream and bucket exists (for `/readyz`).
+pub async fn present(js: &jetstream::Context) -> Result<(), StreamsError> {
+    for name in [
+        EVENTS_STREAM.to_string(),
+        format!("KV_{IDEMPOTENCY_BUCKET}"),
+    ] {
+        js.get_stream(&name)
+            .await
+            .map_err(|e| StreamsError::Server {
+                stream: name.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+fn check_partitions(current: &stream::Config, partitions: u32) -> Result<(), StreamsError> {
+    match described_partitions(current.description.as_deref()) {
+        Some(existing) if existing != partitions => Err(StreamsError::Conflict(format!(
+            "ingest.partitions = {partitions}, but {EVENTS_STREAM} was created with {existing} partitions; \
+             the count is fixed for the life of the stream (set ingest.partitions = {existing})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the fields hookmesh manages differ.
+fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
+    current.subjects != wanted.subjects
+        || current.description != wanted.description
+        || current.max_age != wanted.max_age
+        || current.duplicate_window != wanted.duplicate_window
+        || current.max_messages_per_subject != wanted.max_messages_per_subject
+        || current.discard != wanted.discard
+        || current.allow_direct != wanted.allow_direct
+        || current.allow_rollup != wanted.allow_rollup
+        || current.deny_delete != wanted.deny_delete
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingest() -> IngestConfig {
+        IngestConfig {
+            duplicate_window: Duration::from_secs(60),
+            idempotency_ttl: Duration::from_secs(3 * 86_400),
+            publish_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(5),
+            max_age: Duration::from_secs(86_400),
+            partitions: 8,
+        }
+    }
+
+    #[test]
+    fn definitions_parse_and_take_config_values() {
+        let defs = definitions(&ingest()).expect("definitions parse");
+        let events = &defs[0];
+        assert_eq!(events.name, EVENTS_STREAM);
+        assert_eq!(events.subjects, vec!["hook.>".to_string()]);
+        assert_eq!(events.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(events.storage, stream::StorageType::File);
+        assert_eq!(events.duplicate_window, Duration::from_secs(60));
+        assert_eq!(events.max_age, Duration::from_secs(86_400));
+        assert_eq!(described_partitions(events.description.as_deref()), Some(8));
+        let kv = &defs[1];
+        assert_eq!(kv.name, format!("KV_{IDEMPOTENCY_BUCKET}"));
+        assert_eq!(kv.max_age, Duration::from_secs(3 * 86_400));
+        assert_eq!(kv.max_messages_per_subject, 1);
+        assert!(kv.allow_direct && kv.allow_rollup && kv.deny_delete);
+    }
+
+    #[test]
+    fn the_shipped_file_describes_sixteen_partitions() {
+        let parsed: stream::Config = serde_json::from_str(EVENTS_JSON).expect("parses");
+        assert_eq!(
+            described_partitions(parsed.description.as_deref()),
+            Some(16)
+        );
+    }
+}

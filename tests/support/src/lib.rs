@@ -1,0 +1,194 @@
+//! Real `nats-server` processes for hookmesh's tests and benchmarks.
+//!
+//! Every [`NatsServer`] is its own `nats-server -js` child process with a
+//! port chosen by the server itself (`-p -1`, so there is no bind-then-release
+//! race) and a temporary store directory. Dropping it kills the process and
+//! removes the store. Tests can [`NatsServer::stop`] and
+//! [`NatsServer::restart`] it on the same port and store to exercise outages.
+//!
+//! The binary is `$NATS_SERVER_BIN` when set, else `/usr/sbin/nats-server`,
+//! else `nats-server` on `PATH`; the test scripts point `NATS_SERVER_BIN` at a
+//! pinned upstream release to run the suite against a second server version.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to say it is ready before start fails.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why a test server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The binary could not be spawned.
+    #[error("cannot run {bin}: {source}")]
+    Spawn {
+        /// The binary that was tried.
+        bin: PathBuf,
+        /// The operating system's answer.
+        source: io::Error,
+    },
+    /// The temporary store could not be created or read.
+    #[error("test server store: {0}")]
+    Store(#[from] io::Error),
+    /// The server did not report readiness in time.
+    #[error("nats-server did not become ready within {READY_TIMEOUT:?}; its log:\n{log}")]
+    NotReady {
+        /// The server's log so far.
+        log: String,
+    },
+}
+
+/// One running `nats-server -js` owned by a test.
+#[derive(Debug)]
+pub struct NatsServer {
+    bin: PathBuf,
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    starts: u32,
+}
+
+impl NatsServer {
+    /// Starts a fresh server with JetStream on a port it picks itself.
+    pub fn start() -> Result<Self, ServerError> {
+        let dir = tempfile::Builder::new()
+            .prefix("hookmesh-nats-")
+            .tempdir()?;
+        let mut server = NatsServer {
+            bin: server_binary(),
+            child: None,
+            port: 0,
+            dir,
+            starts: 0,
+        };
+        server.spawn("-1")?;
+        Ok(server)
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The TCP port the server listens on (the same across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The binary this server runs.
+    pub fn binary(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Kills the server (like a crash: no graceful shutdown); the store stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        let port = self.port.to_string();
+        self.spawn(&port)
+    }
+
+    /// Whether the process is currently running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn spawn(&mut self, port: &str) -> Result<(), ServerError> {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("server-{}.log", self.starts));
+        let store = self.dir.path().join("store");
+        let child = Command::new(&self.bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
+            .arg(&store)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| ServerError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if let (Some(port), true) = (listening_port(&text), text.contains("Server is ready")) {
+                self.port = port;
+                return Ok(());
+            }
+            if Instant::now() > deadline || !self.is_running() {
+                self.stop();
+                return Err(ServerError::NotReady { log: text });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `nats-server` binary the tests use (see the crate docs).
+pub fn server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN").filter(|b| !b.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    let debian = Path::new("/usr/sbin/nats-server");
+    if debian.exists() {
+        return debian.to_path_buf();
+    }
+    PathBuf::from("nats-server")
+}
+
+/// Reads the client port from a line like
+/// `Listening for client connections on 127.0.0.1:41234`.
+fn listening_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find_map(|line| line.split("Listening for client connections on ").nth(1))
+        .and_then(|addr| addr.trim().rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_port_from_log_line() {
+        let log = "[1] [INF] Starting nats-server\n[1] 2026/11/29 [INF] Listening for client connections on 127.0.0.1:41234\n";
+        assert_eq!(listening_port(log), Some(41234));
+        assert_eq!(listening_port("nothing yet"), None);
+    }
+
+    #[test]
+    fn starts_restarts_and_cleans_up() {
+        let mut server = NatsServer::start().expect("server starts");
+        let port = server.port();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        server.stop();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        server.restart().expect("server restarts");
+        assert_eq!(server.port(), port);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let store = server.dir.path().to_path_buf();
+        drop(server);
+        assert!(!store.exists(), "store dir removed on drop");
+    }
+}
