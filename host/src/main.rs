@@ -1,5 +1,7 @@
 //! The `hookmesh` binary: logging, then the command line.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -11,6 +13,7 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = hookmesh::cli::Cli::parse();
     match hookmesh::cli::run(cli).await {

@@ -1,1 +1,11 @@
+//! End-to-end tests: a real nats-server per test, the real host, real HTTP.
+//!
+//! The suite runs once against the machine's nats-server and once against a
+//! pinned current release (`NATS_SERVER_BIN`); see `scripts/test.sh`.
 
+mod support;
+
+mod ingest;
+mod outage;
+mod processes;
+mod streams;

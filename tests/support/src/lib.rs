@@ -98,6 +98,12 @@ impl NatsServer {
         self.spawn(&port)
     }
 
+    /// The server's process id while it runs (tests pause it with SIGSTOP to
+    /// make JetStream slow rather than gone).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is currently running.
     pub fn is_running(&mut self) -> bool {
         self.child

