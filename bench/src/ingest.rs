@@ -30,7 +30,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::load::{Run, closed_loop};
+use crate::load::{Run, closed_loop, timed};
 use crate::stats::{self, Measured, Verdict};
 
 /// The provider the bench posts as (the development config's name).
@@ -184,10 +184,16 @@ async fn baseline(url: &str, args: &Args) -> anyhow::Result<(Measured, String)> 
         "baseline",
         closed_loop(subjects(args.warmup), args.concurrency, publish.clone()).await?,
     )?;
-    let run = closed_loop(subjects(args.messages), args.concurrency, publish).await?;
+    let measured = timed(
+        "baseline (JetStream)",
+        subjects(args.messages),
+        args.concurrency,
+        publish,
+    )
+    .await?;
     // Idle from here on: the host's side should have the server to itself.
     drop(client);
-    Ok((Measured::from_run("baseline (JetStream)", run), version))
+    Ok((measured, version))
 }
 
 /// Fails the scenario when a warm-up operation failed: the setup is broken
@@ -257,11 +263,15 @@ async fn hookmesh_side(url: &str, args: &Args) -> anyhow::Result<Vec<Measured>> 
         .await?,
     )?;
     let jobs = requests("evt", args.messages, &provider)?;
-    let run = closed_loop(jobs, args.concurrency, post_202).await?;
-    let mut rows = vec![Measured::from_run(
-        "hookmesh (HTTP → host → JetStream)",
-        run,
-    )];
+    let mut rows = vec![
+        timed(
+            "hookmesh (HTTP → host → JetStream)",
+            jobs,
+            args.concurrency,
+            post_202,
+        )
+        .await?,
+    ];
 
     let client = async_nats::connect(url)
         .await
@@ -270,25 +280,23 @@ async fn hookmesh_side(url: &str, args: &Args) -> anyhow::Result<Vec<Measured>> 
     check_stored(&js, (args.warmup + args.messages) as u64).await?;
 
     if args.breakdown {
-        progress("breakdown: HTTP + verification alone (answered 401)");
         let wrong = host_config(url, WRONG_SECRET, args.payload_bytes)?;
         let wrong = wrong.providers.get(PROVIDER).context("provider")?;
         let post_401 = {
             let http = http.clone();
             move |request| post(http.clone(), request, StatusCode::UNAUTHORIZED)
         };
-        let run = closed_loop(
-            requests("unauth", args.messages, wrong)?,
-            args.concurrency,
-            post_401,
-        )
-        .await?;
-        rows.push(Measured::from_run("  HTTP + verify only (401)", run));
-
-        progress("breakdown: the host's Publisher::store alone, no HTTP");
+        let jobs = requests("unauth", args.messages, wrong)?;
+        rows.push(
+            timed(
+                "  HTTP + verify only (401)",
+                jobs,
+                args.concurrency,
+                post_401,
+            )
+            .await?,
+        );
         rows.push(store_only(&client, &provider, args).await?);
-
-        progress("breakdown: JetStream publish with the host's headers, no KV");
         rows.push(publish_with_headers(&js, &provider, args).await?);
     }
 
@@ -492,8 +500,13 @@ async fn store_only(
             }
         }
     };
-    let run = closed_loop(events, args.concurrency, store).await?;
-    Ok(Measured::from_run("  Publisher::store only (no HTTP)", run))
+    timed(
+        "  Publisher::store only (no HTTP)",
+        events,
+        args.concurrency,
+        store,
+    )
+    .await
 }
 
 /// Breakdown: one JetStream publish per event into `HOOK_EVENTS` with the
@@ -548,11 +561,13 @@ async fn publish_with_headers(
             ack.await.map(drop).map_err(|e| format!("PubAck: {e}"))
         }
     };
-    let run = closed_loop(jobs, args.concurrency, publish).await?;
-    Ok(Measured::from_run(
+    timed(
         "  JetStream publish + host headers",
-        run,
-    ))
+        jobs,
+        args.concurrency,
+        publish,
+    )
+    .await
 }
 
 /// Verified-and-extracted events as the host would hand them to its

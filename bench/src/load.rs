@@ -74,3 +74,23 @@ where
         failures,
     })
 }
+
+/// [`closed_loop`] for a timed run: summarised under `label`, and its start
+/// and end announced on stderr so external profilers (`perf`, CPU samplers)
+/// can be lined up with the figures.
+pub async fn timed<J, F, Fut>(
+    label: &str,
+    jobs: Vec<J>,
+    concurrency: usize,
+    op: F,
+) -> anyhow::Result<crate::stats::Measured>
+where
+    J: Send + 'static,
+    F: Fn(J) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    eprintln!("hookmesh-bench: timing {}", label.trim());
+    let run = closed_loop(jobs, concurrency, op).await?;
+    eprintln!("hookmesh-bench: timed {}", label.trim());
+    Ok(crate::stats::Measured::from_run(label, run))
+}

@@ -102,7 +102,11 @@ pub fn round(value: f64, decimals: i32) -> f64 {
 
 /// Prints the table of `rows` under `title`.
 pub fn print_table(title: &str, rows: &[Measured]) {
-    let width = rows.iter().map(|r| r.label.len()).max().unwrap_or(0).max(4);
+    let width = (rows.iter())
+        .map(|r| r.label.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     println!("{title}");
     println!(
         "{:<width$}  {:>9}  {:>8}  {:>11}  {:>8}  {:>8}  {:>6}",

@@ -280,19 +280,32 @@ impl Config {
             text.parse()
                 .map_err(|e: toml::de::Error| ConfigError::Syntax {
                     origin: origin.to_string(),
-                    message: e.message().to_string(),
+                    message: located(text, &e),
                 })?;
-        apply_env_overrides(&mut table, env)?;
+        let overrides = apply_env_overrides(&mut table, env)?;
+        // An error in a value that came from the environment names the
+        // variable, not the file.
+        let origin_of = |key: &str| {
+            overrides
+                .iter()
+                .find(|(k, _)| {
+                    key == k
+                        || key.starts_with(&format!("{k}."))
+                        || key.starts_with(&format!("{k}["))
+                })
+                .map_or_else(|| origin.to_string(), |(_, var)| var.clone())
+        };
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
                 ConfigError::Invalid {
-                    origin: origin.to_string(),
-                    key: e.path().to_string(),
+                    origin: origin_of(&key),
                     message: e.inner().message().to_string(),
+                    key,
                 }
             })?;
         let invalid = |key: String, message: String| ConfigError::Invalid {
-            origin: origin.to_string(),
+            origin: origin_of(&key),
             key,
             message,
         };
@@ -306,17 +319,50 @@ impl Config {
                 .map_err(|(k, m)| invalid(k, m))?;
             providers.insert(name, provider);
         }
+        if raw.http.max_body_bytes.0 == 0 {
+            return Err(invalid(
+                "http.max_body_bytes".into(),
+                "must be at least 1".into(),
+            ));
+        }
         Ok(Config {
             origin,
             nats,
             http: HttpConfig {
-                listen: raw.http.listen,
+                listen: raw.http.listen.0,
                 max_body_bytes: raw.http.max_body_bytes.0 as usize,
             },
             ingest,
             providers,
             warnings,
         })
+    }
+}
+
+/// A TOML error with its line and column.
+fn located(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
+/// How a provider name appears in a dotted key: quoted unless it is a bare
+/// TOML key.
+fn provider_key(name: &str) -> String {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        format!("providers.{name}")
+    } else {
+        format!("providers.{name:?}")
     }
 }
 
@@ -373,6 +419,14 @@ impl RawNats {
         if urls.is_empty() {
             return Err(("nats.url".into(), "at least one URL is needed".into()));
         }
+        for url in &urls {
+            url.parse::<async_nats::ServerAddr>().map_err(|e| {
+                (
+                    "nats.url".to_string(),
+                    format!("{url:?} is not a NATS URL: {e}"),
+                )
+            })?;
+        }
         if self.password.is_some() != self.user.is_some() {
             return Err(("nats.user".into(), "user and password go together".into()));
         }
@@ -381,6 +435,20 @@ impl RawNats {
                 "nats.tls_cert".into(),
                 "tls_cert and tls_key go together".into(),
             ));
+        }
+        let files = [
+            ("nats.creds_file", &self.creds_file),
+            ("nats.tls_ca", &self.tls_ca),
+            ("nats.tls_cert", &self.tls_cert),
+            ("nats.tls_key", &self.tls_key),
+        ];
+        for (key, file) in files {
+            if let Some(path) = file.as_ref().filter(|p| !p.is_file()) {
+                return Err((
+                    key.into(),
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
         }
         let secret = |key: &str, value: Option<String>| -> Result<Option<Redacted>, KeyError> {
             match value {
@@ -409,14 +477,14 @@ impl RawNats {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawHttp {
-    listen: SocketAddr,
+    listen: Address,
     max_body_bytes: Lenient<u64>,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
         RawHttp {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: Address(SocketAddr::from(([127, 0, 0, 1], 8080))),
             max_body_bytes: Lenient(1024 * 1024),
         }
     }
@@ -533,14 +601,14 @@ impl RawProvider {
         env: &Env,
         warnings: &mut Vec<String>,
     ) -> Result<Provider, KeyError> {
-        let key = |k: &str| format!("providers.{name}.{k}");
+        let key = |k: &str| format!("{}.{k}", provider_key(name));
         if name.is_empty()
             || !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
             return Err((
-                format!("providers.{name}"),
+                provider_key(name),
                 "a provider name may only contain letters, digits, '_' and '-'".into(),
             ));
         }
@@ -571,7 +639,7 @@ impl RawProvider {
         let mut secrets = Vec::new();
         let mut unset = Vec::new();
         for (i, reference) in self.secrets.0.iter().enumerate() {
-            let k = format!("providers.{name}.secrets[{i}]");
+            let k = format!("{}.secrets[{i}]", provider_key(name));
             match resolve_secret(reference, env).map_err(|m| (k.clone(), m))? {
                 Some(value) => {
                     secrets.push(SecretKey::parse(&scheme, &value).map_err(|e| (k, e.to_string()))?)
@@ -594,6 +662,9 @@ impl RawProvider {
             ));
         }
         let tolerance = self.tolerance.map_or(Duration::from_secs(300), |t| t.0);
+        if tolerance < Duration::from_secs(1) {
+            return Err((key("tolerance"), "must be at least 1s".into()));
+        }
         Ok(Provider {
             name: name.to_string(),
             verifier: Verifier {
@@ -606,7 +677,7 @@ impl RawProvider {
     }
 
     fn scheme(&self, name: &str) -> Result<Scheme, KeyError> {
-        let key = |k: &str| format!("providers.{name}.{k}");
+        let key = |k: &str| format!("{}.{k}", provider_key(name));
         let generic_only = [
             ("signature_header", self.signature_header.is_some()),
             ("encoding", self.encoding.is_some()),
@@ -742,7 +813,12 @@ fn env_name(reference: &str) -> String {
 }
 
 /// Applies `HOOKMESH_<SECTION>_<KEY>` variables onto the parsed file.
-fn apply_env_overrides(table: &mut toml::Table, env: &Env) -> Result<(), ConfigError> {
+/// Returns the dotted keys it set, with the variable that set each.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &Env,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut applied = Vec::new();
     for (var, value) in &env.0 {
         let Some(rest) = var.strip_prefix("HOOKMESH_") else {
             continue;
@@ -764,6 +840,7 @@ fn apply_env_overrides(table: &mut toml::Table, env: &Env) -> Result<(), ConfigE
                 section_table(table, section)
                     .map_err(&fail)?
                     .insert(key.to_string(), value);
+                applied.push((format!("{section}.{key}"), var.clone()));
             }
             "providers" => {
                 let (name, key) = PROVIDER_KEYS
@@ -793,11 +870,12 @@ fn apply_env_overrides(table: &mut toml::Table, env: &Env) -> Result<(), ConfigE
                     return Err(fail(format!("providers.{existing} is not a table")));
                 };
                 provider.insert(key.to_string(), value);
+                applied.push((format!("{}.{key}", provider_key(&existing)), var.clone()));
             }
             other => return Err(fail(format!("unknown section {other:?}"))),
         }
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn section_table<'t>(
@@ -851,24 +929,38 @@ struct Lenient<T>(T);
 
 impl<'de, T> Deserialize<'de> for Lenient<T>
 where
-    T: Deserialize<'de> + std::str::FromStr,
-    T::Err: fmt::Display,
+    T: std::str::FromStr,
 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either<T> {
-            Value(T),
-            Text(String),
-        }
-        match Either::<T>::deserialize(d)? {
-            Either::Value(v) => Ok(Lenient(v)),
-            Either::Text(s) => s
-                .trim()
-                .parse()
-                .map(Lenient)
-                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}"))),
-        }
+        let value = toml::Value::deserialize(d)?;
+        let text = match &value {
+            toml::Value::String(s) => s.trim().to_string(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => other.to_string(),
+        };
+        let expected = match std::any::type_name::<T>() {
+            "bool" => "true or false",
+            _ => "a whole number, 0 or more",
+        };
+        text.parse()
+            .map(Lenient)
+            .map_err(|_| serde::de::Error::custom(format!("expected {expected}, found {value}")))
+    }
+}
+
+/// A socket address, with the offending value in the error.
+#[derive(Debug, Clone, Copy)]
+struct Address(SocketAddr);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Address).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an address like \"127.0.0.1:8080\""
+            ))
+        })
     }
 }
 
@@ -878,16 +970,23 @@ struct OneOrMany(Vec<String>);
 
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            One(String),
-            Many(Vec<String>),
+        let bad = |value: &toml::Value| {
+            serde::de::Error::custom(format!(
+                "expected a string or a list of strings, found {value}"
+            ))
+        };
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(OneOrMany(vec![s])),
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    toml::Value::String(s) => Ok(s),
+                    other => Err(bad(&other)),
+                })
+                .collect::<Result<_, _>>()
+                .map(OneOrMany),
+            other => Err(bad(&other)),
         }
-        Ok(match Either::deserialize(d)? {
-            Either::One(s) => OneOrMany(vec![s]),
-            Either::Many(v) => OneOrMany(v),
-        })
     }
 }
 

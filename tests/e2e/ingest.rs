@@ -17,7 +17,9 @@ async fn accepted_webhook_is_stored_with_design_headers_and_exact_body() {
     headers.insert("x-correlation-id", "corr-42".parse().expect("header"));
     headers.insert(
         "traceparent",
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().expect("header"),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .expect("header"),
     );
     let answer = host.post("crm", headers, signed.body.clone()).await;
 
@@ -32,9 +34,20 @@ async fn accepted_webhook_is_stored_with_design_headers_and_exact_body() {
     let seq = json["stream_seq"].as_u64().expect("stream_seq");
 
     let js = jetstream(&nats).await;
-    let message = events(&js).await.get_raw_message(seq).await.expect("stored");
-    assert_eq!(message.subject.as_str(), "hook.crm.order.6.ORD-1.order.created");
-    assert_eq!(message.payload.as_ref(), body.as_slice(), "payload is the body byte for byte");
+    let message = events(&js)
+        .await
+        .get_raw_message(seq)
+        .await
+        .expect("stored");
+    assert_eq!(
+        message.subject.as_str(),
+        "hook.crm.order.6.ORD-1.order.created"
+    );
+    assert_eq!(
+        message.payload.as_ref(),
+        body.as_slice(),
+        "payload is the body byte for byte"
+    );
     let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
     assert_eq!(header("Nats-Msg-Id").as_deref(), Some("crm:msg_1"));
     assert_eq!(header("Hook-Provider").as_deref(), Some("crm"));
@@ -51,7 +64,12 @@ async fn accepted_webhook_is_stored_with_design_headers_and_exact_body() {
     assert_eq!(header("Content-Type").as_deref(), Some("application/json"));
     let received = header("Hook-Received-At").expect("received-at");
     let received = humantime::parse_rfc3339(&received).expect("RFC 3339");
-    assert!(SystemTime::now().duration_since(received).expect("in the past") < Duration::from_secs(60));
+    assert!(
+        SystemTime::now()
+            .duration_since(received)
+            .expect("in the past")
+            < Duration::from_secs(60)
+    );
 }
 
 #[tokio::test]
@@ -62,7 +80,13 @@ async fn each_scheme_is_accepted_and_routed_by_its_fields() {
     let github = br#"{"repository":{"full_name":"acme/api"}}"#;
     let shop = br#"{"id":820982911946154508}"#;
     let cases = [
-        ("stripe", stripe.to_vec(), "evt_1", "stripe:evt_1", "hook.stripe.charge."),
+        (
+            "stripe",
+            stripe.to_vec(),
+            "evt_1",
+            "stripe:evt_1",
+            "hook.stripe.charge.",
+        ),
         ("github", github.to_vec(), "d1", "github:d1", "hook.github."),
         ("shop", shop.to_vec(), "s1", "shop:s1", "hook.shop."),
     ];
@@ -92,7 +116,13 @@ async fn redelivery_is_a_duplicate_with_the_original_receipt() {
     let again = host.send("crm", body, "msg_dup").await;
     assert_eq!(again.status, 200, "{:?}", again.json);
     assert_eq!(again.json["status"], "duplicate");
-    for field in ["idempotency_key", "event_id", "subject", "stream_seq", "correlation_id"] {
+    for field in [
+        "idempotency_key",
+        "event_id",
+        "subject",
+        "stream_seq",
+        "correlation_id",
+    ] {
         assert_eq!(again.json[field], first.json[field], "{field}");
     }
     assert_eq!(stored_count(&jetstream(&nats).await).await, 1);
@@ -117,7 +147,11 @@ async fn duplicates_are_caught_after_the_stream_window_by_the_idempotency_bucket
     let js = jetstream(&nats).await;
     assert_eq!(stored_count(&js).await, 1);
     let kv = js.get_key_value("hook_idempotency").await.expect("bucket");
-    let record = kv.get("crm=3Amsg_late").await.expect("get").expect("record kept");
+    let record = kv
+        .get("crm=3Amsg_late")
+        .await
+        .expect("get")
+        .expect("record kept");
     let record: serde_json::Value = serde_json::from_slice(&record).expect("json");
     assert_eq!(record["stream_seq"], first.json["stream_seq"]);
 }
@@ -126,13 +160,30 @@ async fn duplicates_are_caught_after_the_stream_window_by_the_idempotency_bucket
 async fn fifty_concurrent_identical_requests_store_one_message_and_all_succeed() {
     let nats = NatsServer::start().expect("nats");
     let host = TestHost::start(&nats).await;
-    let signed = host.sign("crm", crm_order("order.created", "ORD-R", 1), "msg_race", SystemTime::now());
-    let answers = join_all((0..50).map(|_| host.post("crm", signed.headers.clone(), signed.body.clone()))).await;
+    let signed = host.sign(
+        "crm",
+        crm_order("order.created", "ORD-R", 1),
+        "msg_race",
+        SystemTime::now(),
+    );
+    let answers =
+        join_all((0..50).map(|_| host.post("crm", signed.headers.clone(), signed.body.clone())))
+            .await;
     let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
-    assert!(statuses.iter().all(|s| *s == 202 || *s == 200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 200),
+        "{statuses:?}"
+    );
     assert!(statuses.contains(&202), "{statuses:?}");
-    let seqs: std::collections::BTreeSet<_> = answers.iter().map(|a| a.json["stream_seq"].as_u64()).collect();
-    assert_eq!(seqs.len(), 1, "every answer names the one stored message: {seqs:?}");
+    let seqs: std::collections::BTreeSet<_> = answers
+        .iter()
+        .map(|a| a.json["stream_seq"].as_u64())
+        .collect();
+    assert_eq!(
+        seqs.len(),
+        1,
+        "every answer names the one stored message: {seqs:?}"
+    );
     assert_eq!(stored_count(&jetstream(&nats).await).await, 1);
 }
 
@@ -147,18 +198,29 @@ async fn a_retry_after_a_crash_between_publish_and_record_is_stored_once_and_rec
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "crm:msg_crash");
     let ack = js
-        .publish_with_headers("hook.crm.order.1.ORD-C.order.created", headers, body.clone().into())
+        .publish_with_headers(
+            "hook.crm.order.1.ORD-C.order.created",
+            headers,
+            body.clone().into(),
+        )
         .await
         .expect("publish")
         .await
         .expect("ack");
 
     let retry = host.send("crm", body, "msg_crash").await;
-    assert!(retry.status == 200 || retry.status == 202, "{:?}", retry.json);
+    assert!(
+        retry.status == 200 || retry.status == 202,
+        "{:?}",
+        retry.json
+    );
     assert_eq!(retry.json["stream_seq"], ack.sequence);
     assert_eq!(stored_count(&js).await, 1);
     let kv = js.get_key_value("hook_idempotency").await.expect("bucket");
-    assert!(kv.get("crm=3Amsg_crash").await.expect("get").is_some(), "the retry wrote the record");
+    assert!(
+        kv.get("crm=3Amsg_crash").await.expect("get").is_some(),
+        "the retry wrote the record"
+    );
 }
 
 #[tokio::test]
@@ -173,39 +235,97 @@ async fn bad_signatures_and_stale_timestamps_are_401_and_store_nothing() {
     assert_eq!(answer.status, 401);
     assert_eq!(answer.json["error"], "no valid signature");
 
-    let stale = host.sign("crm", body.clone(), "msg_b", SystemTime::now() - Duration::from_secs(301));
+    let stale = host.sign(
+        "crm",
+        body.clone(),
+        "msg_b",
+        SystemTime::now() - Duration::from_secs(301),
+    );
     let answer = host.post("crm", stale.headers, stale.body).await;
     assert_eq!(answer.status, 401);
-    assert!(answer.json["error"].as_str().expect("error").contains("timestamp"), "{:?}", answer.json);
+    assert!(
+        answer.json["error"]
+            .as_str()
+            .expect("error")
+            .contains("timestamp"),
+        "{:?}",
+        answer.json
+    );
 
-    let future = host.sign("crm", body.clone(), "msg_c", SystemTime::now() + Duration::from_secs(301));
-    assert_eq!(host.post("crm", future.headers, future.body).await.status, 401);
+    let future = host.sign(
+        "crm",
+        body.clone(),
+        "msg_c",
+        SystemTime::now() + Duration::from_secs(301),
+    );
+    assert_eq!(
+        host.post("crm", future.headers, future.body).await.status,
+        401
+    );
 
     let unsigned = host.post("crm", http::HeaderMap::new(), body).await;
     assert_eq!(unsigned.status, 401);
-    assert!(unsigned.json["error"].as_str().expect("error").contains("missing header"));
+    assert!(
+        unsigned.json["error"]
+            .as_str()
+            .expect("error")
+            .contains("missing header")
+    );
 
-    let stripe = host.sign("stripe", br#"{"id":"evt_x"}"#.to_vec(), "evt_x", SystemTime::now());
+    let stripe = host.sign(
+        "stripe",
+        br#"{"id":"evt_x"}"#.to_vec(),
+        "evt_x",
+        SystemTime::now(),
+    );
     // A valid Stripe signature is no CRM signature.
-    assert_eq!(host.post("crm", stripe.headers, stripe.body).await.status, 401);
+    assert_eq!(
+        host.post("crm", stripe.headers, stripe.body).await.status,
+        401
+    );
 
     assert_eq!(stored_count(&jetstream(&nats).await).await, 0);
     let metrics = host.get("/metrics").await.1;
-    assert!(metrics.contains(r#"hookmesh_webhooks_rejected_total{provider="crm",reason="bad_signature"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"hookmesh_webhooks_rejected_total{provider="crm",reason="stale_timestamp"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"hookmesh_webhooks_rejected_total{provider="crm",reason="missing_header"} 2"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"hookmesh_webhooks_rejected_total{provider="crm",reason="bad_signature"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"hookmesh_webhooks_rejected_total{provider="crm",reason="stale_timestamp"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"hookmesh_webhooks_rejected_total{provider="crm",reason="missing_header"} 2"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn unknown_provider_is_404() {
     let nats = NatsServer::start().expect("nats");
     let host = TestHost::start(&nats).await;
-    let signed = host.sign("crm", crm_order("order.created", "ORD-1", 1), "m", SystemTime::now());
+    let signed = host.sign(
+        "crm",
+        crm_order("order.created", "ORD-1", 1),
+        "m",
+        SystemTime::now(),
+    );
     let answer = host.post("nobody", signed.headers, signed.body).await;
     assert_eq!(answer.status, 404);
     assert_eq!(answer.json["error"], "unknown provider");
     let metrics = host.get("/metrics").await.1;
-    assert!(metrics.contains(r#"hookmesh_webhooks_rejected_total{provider="unknown",reason="unknown_provider"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"hookmesh_webhooks_rejected_total{provider="unknown",reason="unknown_provider"} 1"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -217,15 +337,23 @@ async fn a_body_over_the_limit_is_413() {
     };
     let host = TestHost::start_with(&nats, options).await;
     let padding = "x".repeat(5_000);
-    let body = serde_json::to_vec(&serde_json::json!({"type":"order.created","data":{"id":"ORD-1","pad":padding}}))
-        .expect("json");
+    let body = serde_json::to_vec(
+        &serde_json::json!({"type":"order.created","data":{"id":"ORD-1","pad":padding}}),
+    )
+    .expect("json");
     let answer = host.send("crm", body, "msg_big").await;
     assert_eq!(answer.status, 413);
     assert_eq!(answer.json["error"], "body larger than 4096 bytes");
 
     // Without Content-Length (chunked), the limit holds while streaming.
     let signed = host.sign("crm", vec![b' '; 5_000], "msg_chunked", SystemTime::now());
-    let stream = futures::stream::iter(signed.body.chunks(1_000).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>());
+    let stream = futures::stream::iter(
+        signed
+            .body
+            .chunks(1_000)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
     let response = reqwest::Client::new()
         .post(format!("{}/webhooks/crm", host.base))
         .headers(signed.headers)
@@ -265,8 +393,18 @@ async fn health_readiness_and_metrics_report_the_host() {
     let host = TestHost::start(&nats).await;
     assert_eq!(host.get("/healthz").await.0, 200);
     assert_eq!(host.get("/readyz").await, (200, "ready\n".to_string()));
-    assert_eq!(host.send("crm", crm_order("order.created", "ORD-1", 1), "m1").await.status, 202);
-    assert_eq!(host.send("crm", crm_order("order.created", "ORD-1", 1), "m1").await.status, 200);
+    assert_eq!(
+        host.send("crm", crm_order("order.created", "ORD-1", 1), "m1")
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        host.send("crm", crm_order("order.created", "ORD-1", 1), "m1")
+            .await
+            .status,
+        200
+    );
     let (status, metrics) = host.get("/metrics").await;
     assert_eq!(status, 200);
     for line in [

@@ -63,7 +63,10 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
     let env = vec![
         ("HOOKMESH_NATS_URL", format!("nats://127.0.0.1:{nats_port}")),
         ("HOOKMESH_HTTP_LISTEN", "127.0.0.1:0".to_string()),
-        ("NATS_SERVER_BIN", hookmesh_test_support::server_binary().display().to_string()),
+        (
+            "NATS_SERVER_BIN",
+            hookmesh_test_support::server_binary().display().to_string(),
+        ),
     ];
     let mut up = HostProcess::spawn(dir.path(), &["up"], &env);
     let mut lines = Lines::of(&mut up);
@@ -71,7 +74,9 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
     assert!(warning.contains("for local use only"), "{warning}");
     lines.wait_for("started a local nats-server");
     let banner = lines.wait_for("hookmesh is up");
-    let address = word_after(&banner, "POST http://").trim_end_matches("/webhooks/<provider>").to_string();
+    let address = word_after(&banner, "POST http://")
+        .trim_end_matches("/webhooks/<provider>")
+        .to_string();
     lines.wait_for("stream ready");
 
     let body = dir.path().join("order.json");
@@ -86,7 +91,11 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
         .output()
         .expect("send runs");
     let stdout = String::from_utf8_lossy(&send.stdout);
-    assert!(send.status.success(), "{stdout} {}", String::from_utf8_lossy(&send.stderr));
+    assert!(
+        send.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
     assert!(stdout.starts_with("202 "), "{stdout}");
     assert!(stdout.contains("\"subject\":\"hook.crm.order."), "{stdout}");
 
@@ -98,7 +107,10 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
         std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err(),
         "the local nats-server is gone"
     );
-    assert!(dir.path().join(".hookmesh/nats/jetstream").exists(), "store under the working directory");
+    assert!(
+        dir.path().join(".hookmesh/nats/jetstream").exists(),
+        "store under the working directory"
+    );
 }
 
 fn wait_exit(process: &mut HostProcess, limit: Duration) -> std::process::ExitStatus {
@@ -141,7 +153,14 @@ async fn a_host_killed_mid_load_loses_and_doubles_nothing_when_providers_retry()
     let deliveries: Vec<_> = (0..EVENTS)
         .map(|i| {
             let body = crm_order("order.created", &format!("ORD-{}", i % 40), i as u32);
-            hookmesh::send::prepare(crm, body, None, Some(&format!("msg_{i}")), SystemTime::now()).expect("sign")
+            hookmesh::send::prepare(
+                crm,
+                body,
+                None,
+                Some(&format!("msg_{i}")),
+                SystemTime::now(),
+            )
+            .expect("sign")
         })
         .collect();
 
@@ -176,14 +195,24 @@ async fn a_host_killed_mid_load_loses_and_doubles_nothing_when_providers_retry()
     first.signal(libc::SIGKILL);
     let statuses = load.await.expect("load");
     let answered = statuses.iter().filter(|s| **s == 202).count();
-    assert!(answered < EVENTS, "the kill landed mid-load ({answered} answered)");
+    assert!(
+        answered < EVENTS,
+        "the kill landed mid-load ({answered} answered)"
+    );
 
     // Providers retry everything they did not get a 2xx for — and, to be
     // strict, everything else too.
     let (_second, _lines2, url) = serve(dir.path(), &nats);
     let statuses = send_all(url).await;
-    assert!(statuses.iter().all(|s| *s == 202 || *s == 200), "{statuses:?}");
-    assert_eq!(stored_count(&js).await, EVENTS as u64, "every event stored exactly once");
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 200),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        stored_count(&js).await,
+        EVENTS as u64,
+        "every event stored exactly once"
+    );
 }
 
 #[tokio::test]
@@ -200,7 +229,11 @@ async fn bad_input_fails_with_a_message_naming_what_is_wrong() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("serve needs a config file"));
 
-    std::fs::write(dir.path().join("bad.toml"), "[ingest]\npublish_timeout = \"soon\"\n").expect("write");
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[ingest]\npublish_timeout = \"soon\"\n",
+    )
+    .expect("write");
     let out = run(&["serve", "--config", "bad.toml"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -209,5 +242,7 @@ async fn bad_input_fails_with_a_message_naming_what_is_wrong() {
     std::fs::write(dir.path().join("body.json"), "{}").expect("write");
     let out = run(&["send", "--provider", "nope", "--file", "body.json"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown provider \"nope\"; configured: crm"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown provider \"nope\"; configured: crm")
+    );
 }

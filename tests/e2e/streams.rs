@@ -10,14 +10,18 @@ use crate::support::*;
 
 fn ingest(nats: &NatsServer, extra: &str) -> hookmesh::config::IngestConfig {
     let text = format!("[nats]\nurl = \"{}\"\n[ingest]\n{extra}\n", nats.url());
-    Config::from_toml(&text, Origin::Builtin, &Env::default()).expect("config").ingest
+    Config::from_toml(&text, Origin::Builtin, &Env::default())
+        .expect("config")
+        .ingest
 }
 
 #[tokio::test]
 async fn apply_creates_then_changes_nothing_then_updates_what_differs() {
     let nats = NatsServer::start().expect("nats");
     let js = jetstream(&nats).await;
-    let created = streams::apply(&js, &ingest(&nats, ""), Mode::Update).await.expect("apply");
+    let created = streams::apply(&js, &ingest(&nats, ""), Mode::Update)
+        .await
+        .expect("apply");
     assert_eq!(
         created,
         vec![
@@ -25,26 +29,42 @@ async fn apply_creates_then_changes_nothing_then_updates_what_differs() {
             ("KV_hook_idempotency".to_string(), Outcome::Created)
         ]
     );
-    let again = streams::apply(&js, &ingest(&nats, ""), Mode::Update).await.expect("apply");
-    assert!(again.iter().all(|(_, o)| *o == Outcome::Unchanged), "{again:?}");
+    let again = streams::apply(&js, &ingest(&nats, ""), Mode::Update)
+        .await
+        .expect("apply");
+    assert!(
+        again.iter().all(|(_, o)| *o == Outcome::Unchanged),
+        "{again:?}"
+    );
 
     let longer = ingest(&nats, "duplicate_window = \"5m\"");
-    let ensured = streams::apply(&js, &longer, Mode::Ensure).await.expect("ensure");
-    assert!(ensured.iter().all(|(_, o)| *o == Outcome::Unchanged), "ensure leaves existing streams alone");
-    let updated = streams::apply(&js, &longer, Mode::Update).await.expect("apply");
+    let ensured = streams::apply(&js, &longer, Mode::Ensure)
+        .await
+        .expect("ensure");
+    assert!(
+        ensured.iter().all(|(_, o)| *o == Outcome::Unchanged),
+        "ensure leaves existing streams alone"
+    );
+    let updated = streams::apply(&js, &longer, Mode::Update)
+        .await
+        .expect("apply");
     assert_eq!(updated[0], ("HOOK_EVENTS".to_string(), Outcome::Updated));
     let info = events(&js).await.info().await.expect("info").config.clone();
     assert_eq!(info.duplicate_window, Duration::from_secs(300));
 
     // The buckets open with the client's KV API on every server version.
-    js.get_key_value("hook_idempotency").await.expect("bucket opens");
+    js.get_key_value("hook_idempotency")
+        .await
+        .expect("bucket opens");
 }
 
 #[tokio::test]
 async fn a_different_partition_count_is_refused() {
     let nats = NatsServer::start().expect("nats");
     let js = jetstream(&nats).await;
-    streams::apply(&js, &ingest(&nats, "partitions = 16"), Mode::Update).await.expect("apply");
+    streams::apply(&js, &ingest(&nats, "partitions = 16"), Mode::Update)
+        .await
+        .expect("apply");
     let err = streams::apply(&js, &ingest(&nats, "partitions = 8"), Mode::Update)
         .await
         .expect_err("refused");
@@ -59,12 +79,17 @@ async fn a_different_partition_count_is_refused() {
 async fn a_host_configured_with_another_partition_count_refuses_to_run() {
     let nats = NatsServer::start().expect("nats");
     let js = jetstream(&nats).await;
-    streams::apply(&js, &ingest(&nats, "partitions = 16"), Mode::Update).await.expect("apply");
+    streams::apply(&js, &ingest(&nats, "partitions = 16"), Mode::Update)
+        .await
+        .expect("apply");
     let options = Options {
         partitions: 4,
         ..Options::default()
     };
     let host = TestHost::spawn(&nats.url(), options).await;
     let err = host.finished().await.expect_err("the host stops");
-    assert!(err.to_string().contains("created with 16 partitions"), "{err}");
+    assert!(
+        err.to_string().contains("created with 16 partitions"),
+        "{err}"
+    );
 }

@@ -148,14 +148,25 @@ impl TestHost {
 
     /// Starts a host without waiting for readiness.
     pub async fn spawn(nats_url: &str, options: Options) -> TestHost {
-        let config = Config::from_toml(&config_toml(nats_url, &options), Origin::Builtin, &Env::default())
-            .expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let config = Config::from_toml(
+            &config_toml(nats_url, &options),
+            Origin::Builtin,
+            &Env::default(),
+        )
+        .expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("address"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(hookmesh::server::run(config.clone(), listener, Mode::Update, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(hookmesh::server::run(
+            config.clone(),
+            listener,
+            Mode::Update,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         TestHost {
             config,
             base,
@@ -206,14 +217,26 @@ impl TestHost {
     }
 
     /// Signs without sending.
-    pub fn sign(&self, provider: &str, body: Vec<u8>, id: &str, now: SystemTime) -> hookmesh::send::Signed {
+    pub fn sign(
+        &self,
+        provider: &str,
+        body: Vec<u8>,
+        id: &str,
+        now: SystemTime,
+    ) -> hookmesh::send::Signed {
         let p = &self.config.providers[provider];
         hookmesh::send::prepare(p, body, None, Some(id), now).expect("signs")
     }
 
     /// POSTs raw headers and body to `/webhooks/{provider}`.
     pub async fn post(&self, provider: &str, headers: http::HeaderMap, body: Vec<u8>) -> Answer {
-        post(&self.http, &format!("{}/webhooks/{provider}", self.base), headers, body).await
+        post(
+            &self.http,
+            &format!("{}/webhooks/{provider}", self.base),
+            headers,
+            body,
+        )
+        .await
     }
 }
 
@@ -226,13 +249,28 @@ impl Drop for TestHost {
 }
 
 /// POSTs and decodes the answer.
-pub async fn post(http: &reqwest::Client, url: &str, headers: http::HeaderMap, body: Vec<u8>) -> Answer {
-    let response = http.post(url).headers(headers).body(body).send().await.expect("request");
+pub async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+) -> Answer {
+    let response = http
+        .post(url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let text = response.text().await.expect("body");
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Answer { status, json, headers }
+    Answer {
+        status,
+        json,
+        headers,
+    }
 }
 
 /// A JetStream context on the server.
@@ -243,12 +281,20 @@ pub async fn jetstream(nats: &NatsServer) -> jetstream::Context {
 
 /// The `HOOK_EVENTS` stream.
 pub async fn events(js: &jetstream::Context) -> Stream {
-    js.get_stream(EVENTS_STREAM).await.expect("HOOK_EVENTS exists")
+    js.get_stream(EVENTS_STREAM)
+        .await
+        .expect("HOOK_EVENTS exists")
 }
 
 /// How many messages `HOOK_EVENTS` holds.
 pub async fn stored_count(js: &jetstream::Context) -> u64 {
-    events(js).await.info().await.expect("stream info").state.messages
+    events(js)
+        .await
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
 }
 
 /// Polls `check` until it holds or `limit` passes (then panics with `what`).

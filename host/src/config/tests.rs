@@ -334,9 +334,9 @@ fn dev_config_loads_with_an_empty_env() {
 #[test]
 fn builtin_origin_is_named_in_errors() {
     let err = Config::from_toml(
-        DEV_CONFIG,
+        &format!("{DEV_CONFIG}\n[ingest]\npartitions = 0\n"),
         Origin::Builtin,
-        &vars(&[("HOOKMESH_INGEST_PARTITIONS", "0")]),
+        &vars(&[]),
     )
     .unwrap_err();
     assert_eq!(
@@ -474,10 +474,19 @@ fn env_nats_url_with_commas_is_a_list() {
 #[test]
 fn env_unknown_key_in_a_known_section_fails_naming_the_key() {
     let err = load_err("", &vars(&[("HOOKMESH_NATS_BOGUS", "1")]));
-    let ConfigError::Invalid { key, message, .. } = &err else {
+    let ConfigError::Invalid {
+        key,
+        message,
+        origin,
+    } = &err
+    else {
         panic!("expected an Invalid error, got {err:?}");
     };
     assert_eq!(key, "nats.bogus");
+    assert_eq!(
+        origin, "HOOKMESH_NATS_BOGUS",
+        "the variable is blamed, not the file"
+    );
     assert!(
         message.starts_with("unknown field `bogus`, expected one of `url`"),
         "{message}"
@@ -882,4 +891,24 @@ entity_id = "json:/id"
         assert!(output.contains(r#""hookmesh""#), "{output}");
     }
     assert_eq!(format!("{:?}", Redacted("x".into())), "<redacted>");
+}
+
+#[test]
+fn bad_override_values_name_the_variable() {
+    let err = load_err(
+        DEV_CONFIG,
+        &vars(&[("HOOKMESH_INGEST_PARTITIONS", "eight")]),
+    );
+    assert_eq!(
+        err.to_string(),
+        "HOOKMESH_INGEST_PARTITIONS: ingest.partitions: expected a whole number, 0 or more, found \"eight\""
+    );
+    let err = load_err(
+        DEV_CONFIG,
+        &vars(&[("HOOKMESH_PROVIDERS_CRM_TOLERANCE", "0s")]),
+    );
+    assert_eq!(
+        err.to_string(),
+        "HOOKMESH_PROVIDERS_CRM_TOLERANCE: providers.crm.tolerance: must be at least 1s"
+    );
 }
