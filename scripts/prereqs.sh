@@ -42,3 +42,17 @@ ensure_nextest() {
     cargo install --locked cargo-nextest
   fi
 }
+
+# The target handler components are built for.
+ensure_wasm_target() {
+  if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    echo "installing the wasm32-wasip2 target" >&2
+    rustup target add wasm32-wasip2
+  fi
+}
+
+# The example handlers and test fixtures, as components.
+build_handlers() {
+  ensure_wasm_target
+  cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml
+}

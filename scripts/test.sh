@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 ensure_nats_server
 ensure_nextest
+build_handlers
 pinned=$(pinned_nats_server)
 system=$(command -v nats-server || echo /usr/sbin/nats-server)
 [ -x /usr/sbin/nats-server ] && system=/usr/sbin/nats-server

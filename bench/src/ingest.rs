@@ -24,6 +24,7 @@ use bytes::Bytes;
 use hookmesh::config::{Config, Env, Origin, Provider};
 use hookmesh::publish::{Inbound, Publisher, Stored};
 use hookmesh::send::{Signed, prepare};
+use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use hookmesh_test_support::NatsServer;
 use reqwest::StatusCode;
@@ -61,7 +62,7 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Messages measured on each side (after the warm-up).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub messages: usize,
     /// Operations in flight at all times, on each side.
     #[arg(long, default_value_t = 64)]
@@ -227,7 +228,12 @@ async fn hookmesh_side(url: &str, args: &Args) -> anyhow::Result<Vec<Measured>> 
     let mut host = tokio::spawn(hookmesh::server::run(
         config,
         listener,
-        Mode::Update,
+        // Ingress only: this scenario measures storing, not handlers.
+        Options {
+            streams: Mode::Update,
+            handlers: Vec::new(),
+            cache_dir: None,
+        },
         async move {
             // A dropped sender stops the host as well as a sent ().
             let _ = stopped.await;
@@ -277,7 +283,11 @@ async fn hookmesh_side(url: &str, args: &Args) -> anyhow::Result<Vec<Measured>> 
         .await
         .context("connecting to nats-server")?;
     let js = jetstream::new(client.clone());
-    check_stored(&js, (args.warmup + args.messages) as u64).await?;
+    // With failed requests the count is off anyway, and the table (printed
+    // by the caller) says more about why than a count would.
+    if rows[0].errors == 0 {
+        check_stored(&js, (args.warmup + args.messages) as u64).await?;
+    }
 
     if args.breakdown {
         let wrong = host_config(url, WRONG_SECRET, args.payload_bytes)?;

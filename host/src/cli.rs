@@ -1,7 +1,7 @@
 //! The `hookmesh` command line: a thin face over the library. Every
 //! subcommand is one call into a module that tests call too.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::config::{Config, Env, Origin};
 use crate::nats::{self, Patience};
 use crate::streams::{self, Mode};
-use crate::{local, send, server};
+use crate::{local, manifest, send, server};
 
 /// Signed webhooks into NATS JetStream, handled by sandboxed Wasm components.
 #[derive(Debug, Parser)]
@@ -30,10 +30,25 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Development: start nats-server if none answers, apply streams, serve HTTP.
-    Up,
-    /// Production host: serve HTTP with the given config file.
-    Serve,
+    /// Development: start nats-server if none answers, apply streams, run
+    /// the handlers of DIR, serve HTTP.
+    Up {
+        /// Load every DIR/<name>/handler.toml.
+        #[arg(long, value_name = "DIR", default_value = "handlers")]
+        handlers: PathBuf,
+        /// Where compiled components are cached.
+        #[arg(long, value_name = "DIR", default_value = ".hookmesh/cache")]
+        cache_dir: PathBuf,
+    },
+    /// Production host: serve HTTP and run handlers, with the given config file.
+    Serve {
+        /// Load every DIR/<name>/handler.toml.
+        #[arg(long, value_name = "DIR")]
+        handlers: Option<PathBuf>,
+        /// Where compiled components are cached.
+        #[arg(long, value_name = "DIR", default_value = ".hookmesh/cache")]
+        cache_dir: PathBuf,
+    },
     /// Streams, buckets and stores.
     Streams {
         /// What to do with them.
@@ -75,8 +90,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         warn!("{warning}");
     }
     match cli.command {
-        Command::Up => up(config).await,
-        Command::Serve => serve(config).await,
+        Command::Up {
+            handlers,
+            cache_dir,
+        } => up(config, &handlers, cache_dir).await,
+        Command::Serve {
+            handlers,
+            cache_dir,
+        } => serve(config, handlers.as_deref(), cache_dir).await,
         Command::Streams {
             command: StreamsCommand::Apply,
         } => apply_streams(&config).await,
@@ -100,7 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(config: Config) -> anyhow::Result<()> {
+async fn up(config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::Result<()> {
     if config.origin == Origin::Builtin {
         warn!(
             "using the built-in development config: provider `crm` (standard-webhooks) signs with the PUBLIC secret \
@@ -109,28 +130,69 @@ async fn up(config: Config) -> anyhow::Result<()> {
     }
     let url = config.nats.urls.first().context("nats.url is empty")?;
     let workdir = std::env::current_dir().context("working directory")?;
+    let handlers = dev_handlers(handlers_dir)?;
     let local_nats = local::ensure(url, &workdir).await?;
     let listener = bind(&config).await?;
     let address = listener.local_addr()?;
     info!(
         "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json"
     );
-    let result = server::run(config, listener, Mode::Update, shutdown_signal()).await;
+    let options = server::Options {
+        streams: Mode::Update,
+        handlers,
+        cache_dir: Some(cache_dir),
+    };
+    let result = server::run(config, listener, options, shutdown_signal()).await;
     if let Some(nats) = local_nats {
         nats.stop().await;
     }
     Ok(result?)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    handlers_dir: Option<&Path>,
+    cache_dir: PathBuf,
+) -> anyhow::Result<()> {
     if config.origin == Origin::Builtin {
         bail!(
             "serve needs a config file (--config FILE or ./hookmesh.toml); \
              the built-in development config and its public secret are for `hookmesh up` only"
         );
     }
+    let handlers = match handlers_dir {
+        Some(dir) => manifest::load_dir(dir)?,
+        None => Vec::new(),
+    };
     let listener = bind(&config).await?;
-    Ok(server::run(config, listener, Mode::Ensure, shutdown_signal()).await?)
+    let options = server::Options {
+        streams: Mode::Ensure,
+        handlers,
+        cache_dir: Some(cache_dir),
+    };
+    Ok(server::run(config, listener, options, shutdown_signal()).await?)
+}
+
+/// The handlers `up` runs: every manifest of `dir` whose component is
+/// built; the others are skipped with a hint on how to build them.
+fn dev_handlers(dir: &Path) -> anyhow::Result<Vec<manifest::Manifest>> {
+    if !dir.is_dir() {
+        info!(dir = %dir.display(), "no handlers directory; serving ingest only");
+        return Ok(Vec::new());
+    }
+    let mut ready = Vec::new();
+    for manifest in manifest::load_dir(dir)? {
+        match &manifest.component {
+            Some(path) if path.is_file() => ready.push(manifest),
+            other => warn!(
+                handler = %manifest.name,
+                component = %other.as_deref().unwrap_or(Path::new("?")).display(),
+                "component not built; skipping it. Build the example handlers with: \
+                 cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml"
+            ),
+        }
+    }
+    Ok(ready)
 }
 
 async fn apply_streams(config: &Config) -> anyhow::Result<()> {

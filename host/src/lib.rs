@@ -15,9 +15,13 @@
 //!   applying them.
 //! - [`publish`]: storing an event exactly once (KV + `Nats-Msg-Id`).
 //! - [`ingress`]: the HTTP API and its answers.
+//! - [`dispatch`]: handlers run from durable per-partition consumers;
+//!   ack / nak / term by result; attempt records; emits.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`nats`]: connecting as configured.
 //! - [`server`]: running the host and stopping it cleanly.
+//! - [`manifest`]: handler manifests (`handler.toml`).
+//! - [`runtime`]: running handler components in wasmtime, sandboxed.
 //! - [`local`]: the development NATS server that `hookmesh up` starts.
 //! - [`send`]: signing and POSTing a test webhook (`hookmesh send`).
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
@@ -26,12 +30,15 @@
 
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod extract;
 pub mod ingress;
 pub mod local;
+pub mod manifest;
 pub mod metrics;
 pub mod nats;
 pub mod publish;
+pub mod runtime;
 pub mod send;
 pub mod server;
 pub mod streams;

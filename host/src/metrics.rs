@@ -29,6 +29,15 @@ pub struct RejectionLabel {
     pub reason: &'static str,
 }
 
+/// A handler outcome label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerLabel {
+    /// The handler.
+    pub handler: String,
+    /// `ok`, `transient`, `trap`, `permanent`, `needs-human`.
+    pub outcome: &'static str,
+}
+
 /// The host's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -42,6 +51,8 @@ struct Inner {
     rejected: Family<RejectionLabel, Counter>,
     publish_seconds: Histogram,
     in_flight: Gauge,
+    handled: Family<HandlerLabel, Counter>,
+    invocation_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -53,6 +64,19 @@ impl Default for Metrics {
         // 0.25 ms … ~8 s.
         let publish_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         let in_flight = Gauge::default();
+        let handled = Family::<HandlerLabel, Counter>::default();
+        // 20 µs … ~20 s.
+        let invocation_seconds = Histogram::new(exponential_buckets(0.000_02, 2.0, 20));
+        registry.register(
+            "events_handled",
+            "Handler invocations, by handler and outcome",
+            handled.clone(),
+        );
+        registry.register(
+            "invocation_duration_seconds",
+            "Time of one handler invocation, instantiation included",
+            invocation_seconds.clone(),
+        );
         registry.register(
             "webhooks_accepted",
             "Webhooks stored (answered 202)",
@@ -86,6 +110,8 @@ impl Default for Metrics {
                 rejected,
                 publish_seconds,
                 in_flight,
+                handled,
+                invocation_seconds,
             }),
         }
     }
@@ -126,6 +152,16 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight {
         self.inner.in_flight.inc();
         InFlight(self.inner.in_flight.clone())
+    }
+
+    /// Counts a handler invocation and records its duration.
+    pub fn invoked(&self, handler: &str, outcome: &'static str, elapsed: Duration) {
+        let label = HandlerLabel {
+            handler: handler.to_string(),
+            outcome,
+        };
+        self.inner.handled.get_or_create(&label).inc();
+        self.inner.invocation_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// The Prometheus text exposition.

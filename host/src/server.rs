@@ -1,18 +1,29 @@
-//! Running the host: NATS connection, streams, HTTP — and a clean stop.
+//! Running the host: NATS connection, streams, HTTP, handler dispatch — and
+//! a clean stop.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::dispatch::services::NatsServices;
+use crate::dispatch::{Dispatch, DispatchError, HandlerSlot, version_of};
 use crate::ingress::{self, Ingress};
+use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::nats::{self, Patience};
 use crate::publish::Publisher;
+use crate::runtime::{Runtime, RuntimeError};
 use crate::streams::{self, Mode, StreamsError};
+
+/// How long running handlers get to finish the event in hand at shutdown.
+const DRAIN: Duration = Duration::from_secs(30);
 
 /// Why the host stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -24,24 +35,80 @@ pub enum ServeError {
     /// by applying them.
     #[error(transparent)]
     Streams(StreamsError),
+    /// A handler cannot run.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// A handler's component file cannot be read.
+    #[error("handler {handler}: cannot read {path}: {source}")]
+    Component {
+        /// The handler.
+        handler: String,
+        /// The file.
+        path: PathBuf,
+        /// The operating system's answer.
+        source: std::io::Error,
+    },
+    /// Dispatch could not start.
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight requests.
+/// What to run besides the HTTP ingress.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Whether existing streams are updated (`up`) or only missing ones
+    /// created (`serve`).
+    pub streams: Mode,
+    /// Handlers to run (manifests with their component paths resolved).
+    pub handlers: Vec<Manifest>,
+    /// Where compiled components are cached.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Options {
+    /// Ingress only, creating missing streams.
+    pub fn ingress_only() -> Self {
+        Options {
+            streams: Mode::Ensure,
+            handlers: Vec::new(),
+            cache_dir: None,
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests and
+/// lets running handlers finish the event in hand.
 ///
 /// The listener comes from outside so tests bind `127.0.0.1:0`. NATS need not
 /// be up: the host starts, answers 503 and `/readyz` says why until it is, and
-/// creates missing streams as soon as it can (`mode` says whether existing
-/// ones are updated too).
+/// creates missing streams (and starts handlers) as soon as it can.
 pub async fn run(
     config: Config,
     listener: TcpListener,
-    mode: Mode,
+    options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let runtime = Arc::new(Runtime::new(options.cache_dir.clone())?);
+    let mut slots = Vec::new();
+    for manifest in options.handlers.clone() {
+        let path = manifest.component.clone().unwrap_or_default();
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|source| ServeError::Component {
+                handler: manifest.name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        let prepared = runtime.prepare(manifest, &bytes).await?;
+        info!(handler = %prepared.manifest.name, version = %version_of(&prepared), subject = %prepared.manifest.subject, "handler loaded");
+        slots.push(HandlerSlot::new(prepared));
+    }
+
     let client = nats::connect(&config.nats, "hookmesh", Patience::Background).await?;
+    let metrics = Metrics::default();
     let ingress = Arc::new(Ingress {
         publisher: Publisher::new(
             client.clone(),
@@ -49,7 +116,7 @@ pub async fn run(
             config.ingest.publish_timeout,
         ),
         client: client.clone(),
-        metrics: Metrics::default(),
+        metrics: metrics.clone(),
         max_body_bytes: config.http.max_body_bytes,
         retry_after: config.ingest.retry_after,
         providers: config.providers.clone(),
@@ -58,10 +125,33 @@ pub async fn run(
     let address = listener.local_addr()?;
     info!(%address, providers = ?config.providers.keys().collect::<Vec<_>>(), "listening");
     let http = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+
+    let (stop, stopped) = watch::channel(false);
+    let workers = Arc::new(Mutex::new(JoinSet::new()));
+    let background = start_background(Background {
+        client: client.clone(),
+        config: config.clone(),
+        mode: options.streams,
+        runtime,
+        slots,
+        metrics,
+        stopped,
+        workers: workers.clone(),
+    });
     let result = tokio::select! {
         served = http => served.map_err(ServeError::Http),
-        fatal = bootstrap(client.clone(), config.clone(), mode) => Err(ServeError::Streams(fatal)),
+        fatal = background => Err(fatal),
     };
+    let _ = stop.send(true);
+    let mut workers = workers.lock().await;
+    if tokio::time::timeout(DRAIN, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        warn!("handlers did not finish within {DRAIN:?}; their events will be redelivered");
+    }
     // Whatever was published is acknowledged already; flushing only hurries
     // out protocol messages still buffered.
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
@@ -69,31 +159,34 @@ pub async fn run(
     result
 }
 
-/// Applies the streams once NATS answers, retrying while it does not.
-/// Returns only on an error that retrying cannot fix; on success it parks.
-async fn bootstrap(client: async_nats::Client, config: Config, mode: Mode) -> StreamsError {
-    let js = async_nats::jetstream::new(client.clone());
+struct Background {
+    client: async_nats::Client,
+    config: Config,
+    mode: Mode,
+    runtime: Arc<Runtime>,
+    slots: Vec<Arc<HandlerSlot>>,
+    metrics: Metrics,
+    stopped: watch::Receiver<bool>,
+    workers: Arc<Mutex<JoinSet<()>>>,
+}
+
+/// Applies the streams once NATS answers (retrying while it does not), then
+/// starts dispatch. Returns only on an error that retrying cannot fix.
+async fn start_background(bg: Background) -> ServeError {
+    let js = async_nats::jetstream::new(bg.client.clone());
     let mut delay = Duration::from_millis(200);
     loop {
-        match streams::apply(&js, &config.ingest, mode).await {
+        match streams::apply(&js, &bg.config.ingest, bg.mode).await {
             Ok(outcomes) => {
                 for (stream, outcome) in outcomes {
                     info!(%stream, ?outcome, "stream ready");
                 }
-                let max_payload = client.server_info().max_payload;
-                if max_payload > 0 && max_payload < config.http.max_body_bytes + 4096 {
-                    warn!(
-                        max_payload,
-                        max_body_bytes = config.http.max_body_bytes,
-                        "nats-server's max_payload is below http.max_body_bytes plus headers: \
-                         the largest accepted webhooks cannot be stored; raise max_payload or lower max_body_bytes"
-                    );
-                }
-                return std::future::pending().await;
+                warn_on_small_payload(&bg.client, &bg.config);
+                break;
             }
             Err(fatal @ StreamsError::Conflict(_)) => {
                 error!(error = %fatal, "streams conflict with the config");
-                return fatal;
+                return ServeError::Streams(fatal);
             }
             Err(e) => {
                 warn!(error = %e, retry_in = ?delay, "streams not applied yet");
@@ -101,5 +194,46 @@ async fn bootstrap(client: async_nats::Client, config: Config, mode: Mode) -> St
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+    if !bg.slots.is_empty() {
+        let services = match NatsServices::open(&js).await {
+            Ok(services) => services,
+            Err(message) => {
+                return ServeError::Dispatch(DispatchError::Nats {
+                    what: "handler services".into(),
+                    message,
+                });
+            }
+        };
+        let dispatch = match Dispatch::new(
+            js.clone(),
+            bg.runtime,
+            Arc::new(services),
+            bg.config.ingest.partitions,
+            bg.metrics,
+        )
+        .await
+        {
+            Ok(dispatch) => dispatch,
+            Err(e) => return ServeError::Dispatch(e),
+        };
+        let mut workers = bg.workers.lock().await;
+        for slot in bg.slots {
+            dispatch.spawn(slot, bg.stopped.clone(), &mut workers);
+        }
+        info!(partitions = bg.config.ingest.partitions, "dispatch started");
+    }
+    std::future::pending().await
+}
+
+fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {
+    let max_payload = client.server_info().max_payload;
+    if max_payload > 0 && max_payload < config.http.max_body_bytes + 4096 {
+        warn!(
+            max_payload,
+            max_body_bytes = config.http.max_body_bytes,
+            "nats-server's max_payload is below http.max_body_bytes plus headers: \
+             the largest accepted webhooks cannot be stored; raise max_payload or lower max_body_bytes"
+        );
     }
 }

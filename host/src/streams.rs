@@ -19,9 +19,34 @@ use crate::config::IngestConfig;
 pub const EVENTS_STREAM: &str = "HOOK_EVENTS";
 /// The KV bucket of idempotency keys.
 pub const IDEMPOTENCY_BUCKET: &str = "hook_idempotency";
+/// The KV bucket of handler state.
+pub const STATE_BUCKET: &str = "hook_state";
+/// The KV bucket of id mappings.
+pub const MAPPINGS_BUCKET: &str = "hook_mappings";
+/// The KV bucket of delivery attempt records.
+pub const ATTEMPTS_BUCKET: &str = "hook_attempts";
 
 const EVENTS_JSON: &str = include_str!("../../nats/streams/HOOK_EVENTS.json");
-const IDEMPOTENCY_JSON: &str = include_str!("../../nats/streams/KV_hook_idempotency.json");
+/// Every definition file, in apply order.
+const DEFINITIONS: &[(&str, &str)] = &[
+    ("HOOK_EVENTS.json", EVENTS_JSON),
+    (
+        "KV_hook_idempotency.json",
+        include_str!("../../nats/streams/KV_hook_idempotency.json"),
+    ),
+    (
+        "KV_hook_state.json",
+        include_str!("../../nats/streams/KV_hook_state.json"),
+    ),
+    (
+        "KV_hook_mappings.json",
+        include_str!("../../nats/streams/KV_hook_mappings.json"),
+    ),
+    (
+        "KV_hook_attempts.json",
+        include_str!("../../nats/streams/KV_hook_attempts.json"),
+    ),
+];
 
 /// Why streams could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +96,22 @@ pub enum Outcome {
 
 /// The full definitions, with the config's values applied.
 pub fn definitions(ingest: &IngestConfig) -> Result<Vec<stream::Config>, StreamsError> {
-    let parse = |name: &'static str, json: &str| {
-        serde_json::from_str::<stream::Config>(json)
-            .map_err(|source| StreamsError::Definition { name, source })
-    };
-    let mut events = parse("HOOK_EVENTS.json", EVENTS_JSON)?;
-    events.max_age = ingest.max_age;
-    events.duplicate_window = ingest.duplicate_window;
-    events.description = Some(events_description(ingest.partitions));
-
-    let mut idempotency = parse("KV_hook_idempotency.json", IDEMPOTENCY_JSON)?;
-    idempotency.max_age = ingest.idempotency_ttl;
-    idempotency.duplicate_window = ingest.idempotency_ttl.min(Duration::from_secs(120));
-    Ok(vec![events, idempotency])
+    DEFINITIONS
+        .iter()
+        .map(|(name, json)| {
+            let mut config = serde_json::from_str::<stream::Config>(json)
+                .map_err(|source| StreamsError::Definition { name, source })?;
+            if config.name == EVENTS_STREAM {
+                config.max_age = ingest.max_age;
+                config.duplicate_window = ingest.duplicate_window;
+                config.description = Some(events_description(ingest.partitions));
+            } else if config.name == format!("KV_{IDEMPOTENCY_BUCKET}") {
+                config.max_age = ingest.idempotency_ttl;
+                config.duplicate_window = ingest.idempotency_ttl.min(Duration::from_secs(120));
+            }
+            Ok(config)
+        })
+        .collect()
 }
 
 /// The partition count is written into `HOOK_EVENTS`' description, where
@@ -154,14 +182,12 @@ fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
 
 /// Checks that every stream and bucket exists (for `/readyz`).
 pub async fn present(js: &jetstream::Context) -> Result<(), StreamsError> {
-    for name in [
-        EVENTS_STREAM.to_string(),
-        format!("KV_{IDEMPOTENCY_BUCKET}"),
-    ] {
-        js.get_stream(&name)
+    for (file, _) in DEFINITIONS {
+        let name = file.trim_end_matches(".json");
+        js.get_stream(name)
             .await
             .map_err(|e| StreamsError::Server {
-                stream: name.clone(),
+                stream: name.to_string(),
                 message: e.to_string(),
             })?;
     }

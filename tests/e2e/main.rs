@@ -5,7 +5,10 @@
 
 mod support;
 
+mod handlers;
 mod ingest;
+mod ordering;
 mod outage;
 mod processes;
+mod runtime;
 mod streams;

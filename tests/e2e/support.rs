@@ -29,6 +29,8 @@ pub struct Options {
     pub listen: String,
     /// `ingest.partitions`.
     pub partitions: u32,
+    /// Handlers the host runs.
+    pub handlers: Vec<hookmesh::manifest::Manifest>,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             max_body_bytes: 65_536,
             listen: "127.0.0.1:0".into(),
             partitions: 16,
+            handlers: Vec::new(),
         }
     }
 }
@@ -52,6 +55,7 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         max_body_bytes,
         listen,
         partitions,
+        handlers: _,
     } = options;
     format!(
         r#"
@@ -162,7 +166,11 @@ impl TestHost {
         let task = tokio::spawn(hookmesh::server::run(
             config.clone(),
             listener,
-            Mode::Update,
+            hookmesh::server::Options {
+                streams: Mode::Update,
+                handlers: options.handlers.clone(),
+                cache_dir: Some(guest_cache_dir()),
+            },
             async {
                 let _ = stopped.await;
             },
@@ -178,7 +186,7 @@ impl TestHost {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
-        wait_for(Duration::from_secs(20), "host ready", || async {
+        wait_for(Duration::from_secs(90), "host ready", || async {
             self.get("/readyz").await.0 == 200
         })
         .await;
@@ -368,4 +376,39 @@ impl Drop for HostProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Compiled components are cached across tests (keyed by digest), so each
+/// guest is compiled once per test run, not once per test.
+pub fn guest_cache_dir() -> PathBuf {
+    workspace().join("target/hookmesh-test-cache")
+}
+
+/// A built guest component, `handlers/target/wasm32-wasip2/release/<crate>.wasm`.
+pub fn guest(crate_name: &str) -> PathBuf {
+    let path = workspace().join(format!(
+        "handlers/target/wasm32-wasip2/release/{crate_name}.wasm"
+    ));
+    assert!(
+        path.is_file(),
+        "{} is not built; run: cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml",
+        path.display()
+    );
+    path
+}
+
+/// A manifest for a built guest, with test-friendly limits.
+pub fn manifest(name: &str, crate_name: &str, subject: &str) -> hookmesh::manifest::Manifest {
+    let text = format!(
+        "name = \"{name}\"\nsubject = \"{subject}\"\nmax_deliver = 4\nack_wait = \"10s\"\ntimeout = \"1s\"\nmemory = \"32MiB\"\n[backoff]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
+    );
+    let mut manifest =
+        hookmesh::manifest::Manifest::from_toml(&text, name).expect("valid manifest");
+    manifest.component = Some(guest(crate_name));
+    manifest
 }

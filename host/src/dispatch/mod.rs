@@ -1,0 +1,408 @@
+//! Running handlers from durable consumers: per handler and partition a
+//! pull consumer `handler_<name>_<partition>` on `HOOK_EVENTS` with
+//! `max_ack_pending = 1`, so the server itself hands out one event of a
+//! partition at a time, in stream order — retries included, across
+//! restarts and across hosts. That is the whole of per-entity ordering:
+//! nothing is reordered or locked in memory.
+//!
+//! The handler's result decides what happens to the event:
+//! - ok → publish its emits (deduplicated) → ack;
+//! - transient or trap → record the attempt → nak with backoff;
+//! - permanent or needs-human → record the attempt → term.
+//!
+//! Dispatch knows nothing of HTTP.
+
+mod attempts;
+mod event;
+pub mod services;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, kv};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub use attempts::{AttemptRecord, Reason};
+
+use crate::manifest::{Manifest, partition_filter};
+use crate::metrics::Metrics;
+use crate::runtime::{Prepared, Runtime, Services, Verdict};
+use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
+
+/// Why dispatch could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// A stream, bucket or consumer could not be reached or made.
+    #[error("{what}: {message}")]
+    Nats {
+        /// What was being done.
+        what: String,
+        /// The client's message.
+        message: String,
+    },
+}
+
+/// One handler's current version; replaced as a whole on deploy, so an
+/// event runs start to finish on the version it started with.
+#[derive(Debug)]
+pub struct HandlerSlot {
+    current: RwLock<Arc<Prepared>>,
+}
+
+impl HandlerSlot {
+    /// A slot holding `prepared`.
+    pub fn new(prepared: Arc<Prepared>) -> Arc<Self> {
+        Arc::new(HandlerSlot {
+            current: RwLock::new(prepared),
+        })
+    }
+
+    /// The version new events run on.
+    pub fn current(&self) -> Arc<Prepared> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes `prepared` the version for every later event.
+    pub fn swap(&self, prepared: Arc<Prepared>) -> Arc<Prepared> {
+        std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            prepared,
+        )
+    }
+}
+
+/// What every partition worker shares.
+pub struct Dispatch {
+    js: jetstream::Context,
+    runtime: Arc<Runtime>,
+    services: Arc<dyn Services>,
+    attempts: kv::Store,
+    partitions: u32,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatch")
+            .field("partitions", &self.partitions)
+            .finish()
+    }
+}
+
+impl Dispatch {
+    /// Opens the buckets dispatch needs.
+    pub async fn new(
+        js: jetstream::Context,
+        runtime: Arc<Runtime>,
+        services: Arc<dyn Services>,
+        partitions: u32,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, DispatchError> {
+        let attempts =
+            js.get_key_value(ATTEMPTS_BUCKET)
+                .await
+                .map_err(|e| DispatchError::Nats {
+                    what: format!("KV bucket {ATTEMPTS_BUCKET}"),
+                    message: e.to_string(),
+                })?;
+        Ok(Arc::new(Dispatch {
+            js,
+            runtime,
+            services,
+            attempts,
+            partitions,
+            metrics,
+        }))
+    }
+
+    /// The runtime handlers run in.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Starts one worker per partition for `slot`, until `shutdown` turns
+    /// true; each finishes the event in hand before it stops.
+    pub fn spawn(
+        self: &Arc<Self>,
+        slot: Arc<HandlerSlot>,
+        shutdown: watch::Receiver<bool>,
+        workers: &mut JoinSet<()>,
+    ) {
+        for partition in 0..self.partitions {
+            let dispatch = self.clone();
+            let slot = slot.clone();
+            let shutdown = shutdown.clone();
+            workers.spawn(async move { dispatch.run_partition(slot, partition, shutdown).await });
+        }
+    }
+
+    /// The consumer config of a handler's partition.
+    pub fn consumer_config(
+        manifest: &Manifest,
+        partition: u32,
+    ) -> Result<consumer::pull::Config, String> {
+        Ok(consumer::pull::Config {
+            durable_name: Some(manifest.consumer_name(partition)),
+            description: Some(format!(
+                "hookmesh handler {} partition {partition}",
+                manifest.name
+            )),
+            filter_subject: partition_filter(&manifest.subject, partition)?,
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: consumer::DeliverPolicy::All,
+            max_deliver: manifest.max_deliver,
+            ack_wait: manifest.ack_wait,
+            // The ordering guarantee: one event of a partition in flight.
+            max_ack_pending: 1,
+            ..Default::default()
+        })
+    }
+
+    /// Creates (or updates) a handler's partition consumer.
+    pub async fn ensure_consumer(
+        &self,
+        manifest: &Manifest,
+        partition: u32,
+    ) -> Result<consumer::PullConsumer, DispatchError> {
+        let nats = |what: String, e: &dyn std::fmt::Display| DispatchError::Nats {
+            what,
+            message: e.to_string(),
+        };
+        let config = Self::consumer_config(manifest, partition)
+            .map_err(|e| nats(manifest.name.clone(), &e))?;
+        let name = manifest.consumer_name(partition);
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| nats(EVENTS_STREAM.to_string(), &e))?;
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| nats(format!("consumer {name}"), &e))
+    }
+
+    async fn run_partition(
+        self: Arc<Self>,
+        slot: Arc<HandlerSlot>,
+        partition: u32,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut retry = Duration::from_millis(200);
+        while !*shutdown.borrow() {
+            let manifest = slot.current().manifest.clone();
+            let consumer = match self.ensure_consumer(&manifest, partition).await {
+                Ok(consumer) => consumer,
+                Err(error) => {
+                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry, "consumer not ready");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            // A pull request stays outstanding at all times: nats-server
+            // 2.9 only sends the MAX_DELIVERIES advisory of an ack timeout
+            // while one is waiting.
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(1)
+                .expires(Duration::from_secs(30))
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    warn!(handler = %manifest.name, partition, %error, "cannot pull");
+                    tokio::time::sleep(retry).await;
+                    continue;
+                }
+            };
+            retry = Duration::from_millis(200);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => self.handle(&slot, message).await,
+                        Some(Err(error)) => {
+                            debug!(handler = %manifest.name, partition, %error, "pull interrupted");
+                            break;
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Handles one delivery and settles it (ack, nak or term).
+    async fn handle(&self, slot: &HandlerSlot, message: jetstream::Message) {
+        let prepared = slot.current();
+        let manifest = prepared.manifest.clone();
+        let version = version_of(&prepared);
+        let Ok(info) = message
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered as u64))
+        else {
+            warn!(handler = %manifest.name, "delivery without JetStream metadata; terminated");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        };
+        let (stream_seq, delivery) = info;
+        let input = match event::input(&message, delivery) {
+            Ok(input) => input,
+            Err(error) => {
+                self.fail(
+                    &manifest.name,
+                    &version,
+                    &message,
+                    stream_seq,
+                    delivery,
+                    &error,
+                    Reason::Permanent,
+                )
+                .await;
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let span = info_span!(
+            "handle",
+            handler = %manifest.name,
+            version = %version,
+            correlation_id = %input.correlation_id,
+            subject = %input.subject,
+            stream_seq,
+            attempt = delivery,
+        );
+        async {
+            let source = event::Source {
+                idempotency_key: input.idempotency_key.clone(),
+                correlation_id: input.correlation_id.clone(),
+                traceparent: header(&message, "traceparent"),
+            };
+            let invocation = self.runtime.invoke(&prepared, input, self.services.clone());
+            tokio::pin!(invocation);
+            // Tell the server the event is still being worked on, so a long
+            // handler is not redelivered elsewhere meanwhile.
+            let mut progress = tokio::time::interval(manifest.ack_wait / 3);
+            progress.tick().await;
+            let invoked = loop {
+                tokio::select! {
+                    invoked = &mut invocation => break invoked,
+                    _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
+                }
+            };
+            self.metrics.invoked(&manifest.name, verdict_label(&invoked.verdict), invoked.elapsed);
+            let (reason, error) = match invoked.verdict {
+                Verdict::Ok => {
+                    match event::publish_emits(&self.js, &manifest.name, &source, &invoked.emits, self.partitions).await {
+                        Ok(()) => {
+                            if let Err(error) = message.double_ack().await {
+                                // The handler ran; the server will redeliver
+                                // and the handler must tolerate running twice.
+                                warn!(%error, "ack not confirmed");
+                            }
+                            debug!(emits = invoked.emits.len(), took = ?invoked.elapsed, "handled");
+                            return;
+                        }
+                        Err(error) => (Reason::Transient, error),
+                    }
+                }
+                Verdict::Transient(error) => (Reason::Transient, error),
+                Verdict::Trap(error) => (Reason::Trap, error),
+                Verdict::Permanent(error) => (Reason::Permanent, error),
+                Verdict::NeedsHuman(error) => (Reason::NeedsHuman, error),
+            };
+            self.fail(&manifest.name, &version, &message, stream_seq, delivery, &error, reason)
+                .await;
+            let settle = match reason {
+                Reason::Transient | Reason::Trap => {
+                    let delay = manifest.backoff.delay(delivery);
+                    info!(%error, ?reason, retry_in = ?delay, "failed; will retry");
+                    AckKind::Nak(Some(delay))
+                }
+                Reason::Permanent | Reason::NeedsHuman => {
+                    warn!(%error, ?reason, "failed; dead letter");
+                    AckKind::Term
+                }
+            };
+            if let Err(error) = message.ack_with(settle).await {
+                warn!(%error, "could not settle the delivery; the server redelivers after ack_wait");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fail(
+        &self,
+        handler: &str,
+        version: &str,
+        message: &jetstream::Message,
+        stream_seq: u64,
+        delivery: u64,
+        error: &str,
+        reason: Reason,
+    ) {
+        let failure = attempts::Failure {
+            handler,
+            handler_version: version,
+            stream_seq,
+            subject: message.subject.as_str(),
+            delivery,
+            error,
+            reason,
+        };
+        if let Err(e) = attempts::record(&self.attempts, failure).await {
+            warn!(error = %e, "attempt not recorded");
+        }
+    }
+}
+
+/// The version label stamped on logs and attempt records: the digest's
+/// first 12 hex digits.
+pub fn version_of(prepared: &Prepared) -> String {
+    prepared.digest.chars().take(12).collect()
+}
+
+fn header(message: &jetstream::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
+}
+
+fn verdict_label(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Ok => "ok",
+        Verdict::Transient(_) => "transient",
+        Verdict::Permanent(_) => "permanent",
+        Verdict::NeedsHuman(_) => "needs-human",
+        Verdict::Trap(_) => "trap",
+    }
+}
+
+/// Reads an event's attempt record (for ops and the dead-letter writer).
+pub async fn attempt_record(
+    js: &jetstream::Context,
+    handler: &str,
+    stream_seq: u64,
+) -> Result<Option<AttemptRecord>, String> {
+    let bucket = js
+        .get_key_value(ATTEMPTS_BUCKET)
+        .await
+        .map_err(|e| e.to_string())?;
+    attempts::read(&bucket, handler, stream_seq).await
+}

@@ -1,0 +1,492 @@
+//! Handlers end to end: real components built from `handlers/`, run by the
+//! real host from durable consumers on a real nats-server.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use hookmesh::manifest::Manifest;
+use hookmesh_test_support::NatsServer;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// Every stored message whose subject starts with `prefix`, in stream order.
+async fn messages(js: &jetstream::Context, prefix: &str) -> Vec<(String, Value)> {
+    let stream = events(js).await;
+    let last = stream
+        .clone()
+        .info()
+        .await
+        .expect("info")
+        .state
+        .last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if message.subject.starts_with(prefix) {
+            let payload = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+            });
+            out.push((message.subject.to_string(), payload));
+        }
+    }
+    out
+}
+
+async fn state(js: &jetstream::Context, handler: &str, key: &str) -> Option<String> {
+    let kv = js.get_key_value("hook_state").await.expect("bucket");
+    let key = format!(
+        "{}.{}",
+        hookmesh::extract::kv_key(handler),
+        hookmesh::extract::kv_key(key)
+    );
+    kv.get(key)
+        .await
+        .expect("get")
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+async fn attempt(
+    js: &jetstream::Context,
+    handler: &str,
+    seq: u64,
+) -> Option<hookmesh::dispatch::AttemptRecord> {
+    hookmesh::dispatch::attempt_record(js, handler, seq)
+        .await
+        .expect("read record")
+}
+
+fn order(event_type: &str, id: &str, version: u32, terms: Option<&str>) -> Vec<u8> {
+    let mut customer = json!({"id": "CUST-1"});
+    if let Some(terms) = terms {
+        customer["payment_terms"] = json!(terms);
+    }
+    serde_json::to_vec(&json!({
+        "type": event_type,
+        "data": {"id": id, "version": version, "customer": customer, "total": "129.90", "currency": "EUR"}
+    }))
+    .expect("json")
+}
+
+fn approved_return(id: &str, order: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "type": "return.approved",
+        "data": {"id": id, "order_id": order, "amount": "10.00", "reason": "damaged"}
+    }))
+    .expect("json")
+}
+
+fn example(name: &str) -> Manifest {
+    let mut manifest = Manifest::load(&workspace().join(format!("handlers/{name}/handler.toml")))
+        .expect("example manifest");
+    // Quick retries for the test; everything else as shipped.
+    manifest.backoff.initial = Duration::from_millis(200);
+    manifest.backoff.max = Duration::from_millis(400);
+    manifest
+}
+
+async fn host_with(nats: &NatsServer, handlers: Vec<Manifest>) -> TestHost {
+    let options = Options {
+        handlers,
+        ..Options::default()
+    };
+    TestHost::start_with(nats, options).await
+}
+
+#[tokio::test]
+async fn crm_order_flow_syncs_orders_ignores_stale_updates_and_credits_returns_once_synced() {
+    let nats = NatsServer::start().expect("nats");
+    let host = host_with(
+        &nats,
+        vec![example("order-sync"), example("return-credit-note")],
+    )
+    .await;
+    let js = jetstream(&nats).await;
+
+    // The return arrives before its order is synced: transient until it is.
+    assert_eq!(
+        host.send("crm", approved_return("RET-1", "ORD-1"), "ret-1")
+            .await
+            .status,
+        202
+    );
+    let early_seq = 1;
+    wait_for(
+        Duration::from_secs(10),
+        "the early return is retried",
+        || async {
+            attempt(&js, "return-credit-note", early_seq)
+                .await
+                .is_some_and(|r| r.attempts >= 1)
+        },
+    )
+    .await;
+    let record = attempt(&js, "return-credit-note", early_seq)
+        .await
+        .expect("record");
+    assert_eq!(record.reason, hookmesh::dispatch::Reason::Transient);
+    assert!(record.last_error.contains("ORD-1"), "{}", record.last_error);
+
+    for (id, event_type, version) in [("o-1", "order.created", 1), ("o-2", "order.updated", 2)] {
+        let answer = host
+            .send(
+                "crm",
+                order(event_type, "ORD-1", version, Some("NET30")),
+                id,
+            )
+            .await;
+        assert_eq!(answer.status, 202);
+    }
+    wait_for(
+        Duration::from_secs(10),
+        "two sales-order upserts",
+        || async { messages(&js, "hook.order-sync.").await.len() == 2 },
+    )
+    .await;
+    // A stale update (version 1 after 2) is acked without effect.
+    assert_eq!(
+        host.send(
+            "crm",
+            order("order.updated", "ORD-1", 1, Some("NET30")),
+            "o-stale"
+        )
+        .await
+        .status,
+        202
+    );
+
+    wait_for(
+        Duration::from_secs(15),
+        "the early return succeeds on a retry",
+        || async { messages(&js, "hook.return-credit-note.").await.len() == 1 },
+    )
+    .await;
+    assert_eq!(
+        host.send("crm", approved_return("RET-2", "ORD-1"), "ret-2")
+            .await
+            .status,
+        202
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the second return is credited",
+        || async { messages(&js, "hook.return-credit-note.").await.len() == 2 },
+    )
+    .await;
+    // Give the stale update time to be handled, then check it changed nothing.
+    wait_for(
+        Duration::from_secs(10),
+        "all CRM events handled",
+        || async {
+            let info = js
+                .get_stream("HOOK_EVENTS")
+                .await
+                .expect("stream")
+                .consumer_info("handler_order-sync_6")
+                .await;
+            info.is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+        },
+    )
+    .await;
+
+    let upserts = messages(&js, "hook.order-sync.").await;
+    assert_eq!(
+        upserts.len(),
+        2,
+        "the stale update emitted nothing: {upserts:?}"
+    );
+    let (subject, payload) = &upserts[1];
+    assert!(
+        subject.starts_with("hook.order-sync.erp.")
+            && subject.ends_with(".SO-ORD-1.erp.sales_order.upserted"),
+        "{subject}"
+    );
+    assert_eq!(payload["erp_order_id"], "SO-ORD-1");
+    assert_eq!(payload["version"], 2);
+    let stored: Value = serde_json::from_str(
+        &state(&js, "order-sync", "order/ORD-1")
+            .await
+            .expect("state"),
+    )
+    .expect("json");
+    assert_eq!(stored["version"], 2, "newer state kept: {stored}");
+
+    let credits = messages(&js, "hook.return-credit-note.").await;
+    assert!(
+        credits.iter().all(|(_, p)| p["erp_order_id"] == "SO-ORD-1"),
+        "{credits:?}"
+    );
+    let mappings = js.get_key_value("hook_mappings").await.expect("bucket");
+    assert_eq!(
+        mappings.get("crm.ORD-1.erp").await.expect("get").as_deref(),
+        Some(&b"SO-ORD-1"[..])
+    );
+    assert_eq!(
+        mappings
+            .get("erp.SO-ORD-1.crm")
+            .await
+            .expect("get")
+            .as_deref(),
+        Some(&b"ORD-1"[..])
+    );
+    host.shutdown().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn bad_orders_are_permanent_or_need_a_human_and_are_not_retried() {
+    let nats = NatsServer::start().expect("nats");
+    let host = host_with(&nats, vec![example("order-sync")]).await;
+    let js = jetstream(&nats).await;
+    let no_total = serde_json::to_vec(
+        &json!({"type":"order.created","data":{"id":"ORD-7","version":1,"customer":{"id":"C"}}}),
+    )
+    .expect("json");
+    let seq_permanent = host.send("crm", no_total, "bad-1").await.json["stream_seq"]
+        .as_u64()
+        .expect("seq");
+    let seq_human = host
+        .send("crm", order("order.created", "ORD-8", 1, None), "bad-2")
+        .await
+        .json["stream_seq"]
+        .as_u64()
+        .expect("seq");
+
+    wait_for(
+        Duration::from_secs(10),
+        "both failures recorded",
+        || async {
+            attempt(&js, "order-sync", seq_permanent).await.is_some()
+                && attempt(&js, "order-sync", seq_human).await.is_some()
+        },
+    )
+    .await;
+    let permanent = attempt(&js, "order-sync", seq_permanent)
+        .await
+        .expect("record");
+    assert_eq!(permanent.reason, hookmesh::dispatch::Reason::Permanent);
+    assert!(
+        permanent.last_error.contains("total"),
+        "{}",
+        permanent.last_error
+    );
+    let human = attempt(&js, "order-sync", seq_human).await.expect("record");
+    assert_eq!(human.reason, hookmesh::dispatch::Reason::NeedsHuman);
+    assert!(
+        human.last_error.contains("payment terms"),
+        "{}",
+        human.last_error
+    );
+    assert_eq!(human.handler_version.len(), 12);
+
+    // Terminated: never handled again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        attempt(&js, "order-sync", seq_permanent)
+            .await
+            .expect("record")
+            .attempts,
+        1
+    );
+    assert_eq!(
+        attempt(&js, "order-sync", seq_human)
+            .await
+            .expect("record")
+            .attempts,
+        1
+    );
+    assert!(messages(&js, "hook.order-sync.").await.is_empty());
+}
+
+#[tokio::test]
+async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go_on() {
+    let nats = NatsServer::start().expect("nats");
+    let handlers = vec![
+        manifest("looper", "fixture_loop", "crm.loop.>"),
+        manifest("hog", "fixture_memory_hog", "crm.hog.>"),
+        manifest("panicker", "fixture_panic", "crm.panic.>"),
+        manifest("healthy", "fixture_recorder", "crm.order.>"),
+    ];
+    let host = host_with(&nats, handlers).await;
+    let js = jetstream(&nats).await;
+    let mut seqs = Vec::new();
+    for domain in ["loop", "hog", "panic"] {
+        let body =
+            serde_json::to_vec(&json!({"type": format!("{domain}.go"), "data": {"id": "X-1"}}))
+                .expect("json");
+        let answer = host.send("crm", body, &format!("h-{domain}")).await;
+        seqs.push(answer.json["stream_seq"].as_u64().expect("seq"));
+    }
+    for i in 0..5 {
+        let answer = host
+            .send(
+                "crm",
+                crm_order("order.created", &format!("ORD-{i}"), 1),
+                &format!("ok-{i}"),
+            )
+            .await;
+        assert_eq!(answer.status, 202);
+    }
+    wait_for(
+        Duration::from_secs(20),
+        "the healthy handler handled everything",
+        || async { messages(&js, "hook.healthy.").await.len() == 5 },
+    )
+    .await;
+    for (handler, seq, expect) in [
+        ("looper", seqs[0], "timed out"),
+        ("hog", seqs[1], "trap"),
+        ("panicker", seqs[2], "trap"),
+    ] {
+        wait_for(Duration::from_secs(30), "4 failed attempts", || async {
+            attempt(&js, handler, seq)
+                .await
+                .is_some_and(|r| r.attempts == 4)
+        })
+        .await;
+        let record = attempt(&js, handler, seq).await.expect("record");
+        assert_eq!(
+            record.reason,
+            hookmesh::dispatch::Reason::Trap,
+            "{handler}: {record:?}"
+        );
+        assert!(
+            record.last_error.contains(expect),
+            "{handler}: {}",
+            record.last_error
+        );
+    }
+    // max_deliver reached: no fifth attempt.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        attempt(&js, "looper", seqs[0])
+            .await
+            .expect("record")
+            .attempts,
+        4
+    );
+    assert_eq!(host.get("/healthz").await.0, 200);
+    let metrics = host.get("/metrics").await.1;
+    assert!(
+        metrics.contains(r#"hookmesh_events_handled_total{handler="looper",outcome="trap"} 4"#),
+        "{metrics}"
+    );
+    host.shutdown().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_flaky_handler_succeeds_on_retry_and_emits_once_even_when_run_again() {
+    let nats = NatsServer::start().expect("nats");
+    let flaky = manifest("flaky", "fixture_flaky", "crm.order.>");
+    let host = host_with(&nats, vec![flaky.clone()]).await;
+    let js = jetstream(&nats).await;
+    let seq = host
+        .send("crm", crm_order("order.created", "ORD-F", 1), "f-1")
+        .await
+        .json["stream_seq"]
+        .as_u64()
+        .expect("seq");
+    wait_for(
+        Duration::from_secs(10),
+        "success after two transient failures",
+        || async { messages(&js, "hook.flaky.").await.len() == 1 },
+    )
+    .await;
+    let record = attempt(&js, "flaky", seq).await.expect("record");
+    assert_eq!(
+        (record.attempts, record.reason),
+        (2, hookmesh::dispatch::Reason::Transient)
+    );
+    assert_eq!(
+        messages(&js, "hook.flaky.").await[0].1,
+        json!(3),
+        "succeeded on attempt 3"
+    );
+    host.shutdown().await.expect("stop");
+
+    // Ops reset the handler: its consumers are deleted and recreated, so it
+    // runs again for the same event — and its emit is deduplicated.
+    let stream = events(&js).await;
+    for partition in 0..16 {
+        let _ = stream
+            .delete_consumer(&flaky.consumer_name(partition))
+            .await;
+    }
+    let host = host_with(&nats, vec![flaky]).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the event handled again",
+        || async {
+            stream
+                .clone()
+                .consumer_info(format!(
+                    "handler_flaky_{}",
+                    hookmesh::subject::partition("crm", "order", "ORD-F", 16)
+                ))
+                .await
+                .is_ok_and(|i| i.ack_floor.stream_sequence >= seq)
+        },
+    )
+    .await;
+    assert_eq!(
+        messages(&js, "hook.flaky.").await.len(),
+        1,
+        "the re-emit was deduplicated"
+    );
+    host.shutdown().await.expect("stop");
+}
+
+#[tokio::test]
+async fn the_sandbox_denies_files_environment_clock_and_network_unless_granted() {
+    let nats = NatsServer::start().expect("nats");
+    let denied = manifest("probe", "fixture_sandbox", "crm.probe.>");
+    let mut granted = manifest("granted", "fixture_sandbox", "crm.probe.>");
+    granted.sandbox.clock = true;
+    granted.sandbox.env.insert("REGION".into(), "eu".into());
+    let host = host_with(&nats, vec![denied, granted]).await;
+    let js = jetstream(&nats).await;
+    let body = serde_json::to_vec(&json!({"type":"probe.run","data":{"id":"P-1"}})).expect("json");
+    assert_eq!(host.send("crm", body, "p-1").await.status, 202);
+    wait_for(Duration::from_secs(10), "both reports", || async {
+        messages(&js, "hook.probe.").await.len() == 1
+            && messages(&js, "hook.granted.").await.len() == 1
+    })
+    .await;
+    let report = &messages(&js, "hook.probe.").await[0].1;
+    assert!(
+        report["read_dir_root"]
+            .as_str()
+            .expect("str")
+            .starts_with("Err"),
+        "{report}"
+    );
+    assert!(
+        report["read_passwd"]
+            .as_str()
+            .expect("str")
+            .starts_with("Err"),
+        "{report}"
+    );
+    assert_eq!(report["env_count"], 0, "{report}");
+    assert_eq!(report["home"], "None", "{report}");
+    assert_eq!(report["now_unix_secs"], 0, "the clock is frozen: {report}");
+    assert!(
+        report["tcp"].as_str().expect("str").starts_with("Err"),
+        "{report}"
+    );
+
+    let report = &messages(&js, "hook.granted.").await[0].1;
+    assert_eq!(report["env_count"], 1, "{report}");
+    assert!(
+        report["now_unix_secs"].as_i64().expect("secs") > 1_700_000_000,
+        "{report}"
+    );
+    assert!(
+        report["read_passwd"]
+            .as_str()
+            .expect("str")
+            .starts_with("Err"),
+        "still no files: {report}"
+    );
+}

@@ -1,0 +1,166 @@
+//! The wasm runtime on its own (no NATS): in-memory services, real
+//! components built from `handlers/`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hookmesh::runtime::{EventInput, MemoryServices, Runtime, RuntimeError, Services, Verdict};
+
+use crate::support::*;
+
+fn event() -> EventInput {
+    EventInput {
+        idempotency_key: "crm:msg_1".into(),
+        provider: "crm".into(),
+        event_type: "order.created".into(),
+        domain: "order".into(),
+        entity_id: "ORD-1".into(),
+        correlation_id: "corr-1".into(),
+        subject: "hook.crm.order.6.ORD-1.order.created".into(),
+        attempt: 1,
+        payload: br#"{"type":"order.created","data":{"id":"ORD-1","version":1,"customer":{"id":"C","payment_terms":"NET30"},"total":"1"}}"#.to_vec(),
+        ..EventInput::default()
+    }
+}
+
+async fn prepare(
+    runtime: &Runtime,
+    name: &str,
+    crate_name: &str,
+) -> Result<Arc<hookmesh::runtime::Prepared>, RuntimeError> {
+    let manifest = manifest(name, crate_name, "crm.order.>");
+    let bytes = std::fs::read(manifest.component.as_ref().expect("path")).expect("component");
+    runtime.prepare(manifest, &bytes).await
+}
+
+fn services() -> Arc<dyn Services> {
+    Arc::new(MemoryServices::default())
+}
+
+#[tokio::test]
+async fn verdicts_follow_the_guest_and_traps_stay_contained() {
+    let runtime = Runtime::new(Some(guest_cache_dir())).expect("runtime");
+    let noop = prepare(&runtime, "noop", "fixture_noop")
+        .await
+        .expect("noop");
+    let panicker = prepare(&runtime, "panicker", "fixture_panic")
+        .await
+        .expect("panic");
+    let permanent = prepare(&runtime, "permanent", "fixture_permanent")
+        .await
+        .expect("permanent");
+    let looper = prepare(&runtime, "looper", "fixture_loop")
+        .await
+        .expect("loop");
+    let order_sync = prepare(&runtime, "order-sync", "order_sync")
+        .await
+        .expect("order-sync");
+
+    assert_eq!(
+        runtime.invoke(&noop, event(), services()).await.verdict,
+        Verdict::Ok
+    );
+    let trapped = runtime.invoke(&panicker, event(), services()).await;
+    assert!(
+        matches!(&trapped.verdict, Verdict::Trap(m) if m.contains("unreachable")),
+        "{:?}",
+        trapped.verdict
+    );
+    assert_eq!(
+        runtime
+            .invoke(&permanent, event(), services())
+            .await
+            .verdict,
+        Verdict::Permanent("fixture always fails".into())
+    );
+    let started = Instant::now();
+    let looped = runtime.invoke(&looper, event(), services()).await;
+    assert!(
+        matches!(&looped.verdict, Verdict::Trap(m) if m.contains("timed out")),
+        "{:?}",
+        looped.verdict
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the 1 s deadline stops it: {:?}",
+        started.elapsed()
+    );
+
+    // After traps and timeouts the same runtime goes on serving.
+    let memory = Arc::new(MemoryServices::default());
+    let synced = runtime.invoke(&order_sync, event(), memory.clone()).await;
+    assert_eq!(synced.verdict, Verdict::Ok);
+    assert_eq!(synced.emits.len(), 1);
+    assert_eq!(synced.emits[0].event_type, "erp.sales_order.upserted");
+    assert!(memory.state_value("order-sync", "order/ORD-1").is_some());
+}
+
+#[tokio::test]
+async fn invalid_components_are_refused_with_a_reason() {
+    let runtime = Runtime::new(None).expect("runtime");
+    let manifest = manifest("junk", "fixture_noop", "crm.order.>");
+    let err = runtime
+        .prepare(manifest.clone(), b"not wasm")
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, RuntimeError::Invalid { .. }), "{err}");
+    // A core module is not a component.
+    let core = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+    let err = runtime
+        .prepare(manifest.clone(), &core)
+        .await
+        .expect_err("refused");
+    assert!(
+        err.to_string().contains("not a hookmesh handler component"),
+        "{err}"
+    );
+
+    let err = prepare(&runtime, "boom", "fixture_trap_at_start")
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, RuntimeError::Instantiation { .. }), "{err}");
+
+    let mut greedy = manifest;
+    greedy.memory = 4 << 30;
+    let bytes = std::fs::read(guest("fixture_noop")).expect("component");
+    let err = runtime.prepare(greedy, &bytes).await.expect_err("refused");
+    assert!(matches!(err, RuntimeError::TooMuchMemory { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn compiled_artifacts_are_cached_by_digest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Runtime::new(Some(dir.path().to_path_buf())).expect("runtime");
+    let prepared = prepare(&first, "noop", "fixture_noop").await.expect("noop");
+    let artifacts: Vec<_> = walk(dir.path());
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert!(
+        artifacts[0].ends_with(&format!("{}.cwasm", prepared.digest)),
+        "{artifacts:?}"
+    );
+    let modified = std::fs::metadata(&artifacts[0])
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let second = Runtime::new(Some(dir.path().to_path_buf())).expect("runtime");
+    let again = prepare(&second, "noop", "fixture_noop")
+        .await
+        .expect("noop");
+    assert_eq!(again.digest, prepared.digest);
+    assert_eq!(walk(dir.path()), artifacts, "no second artifact");
+    let reused = std::fs::metadata(&artifacts[0])
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert_eq!(reused, modified, "the artifact was loaded, not rewritten");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        if entry.path().is_dir() {
+            out.extend(walk(&entry.path()));
+        } else {
+            out.push(entry.path().display().to_string());
+        }
+    }
+    out
+}
