@@ -32,6 +32,9 @@ use crate::metrics::Metrics;
 use crate::runtime::{Prepared, Runtime, Services, Verdict};
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
 
+/// Messages asked for per pull request (see `run_partition`).
+const PULL_BATCH: usize = 100;
+
 /// Why dispatch could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -211,10 +214,13 @@ impl Dispatch {
             };
             // A pull request stays outstanding at all times: nats-server
             // 2.9 only sends the MAX_DELIVERIES advisory of an ack timeout
-            // while one is waiting.
+            // while one is waiting. It asks for many messages although
+            // `max_ack_pending = 1` lets only one through at a time: the
+            // server then pushes the next event the moment the previous one
+            // is acked, without a new pull request per event.
             let messages = consumer
                 .stream()
-                .max_messages_per_batch(1)
+                .max_messages_per_batch(PULL_BATCH)
                 .expires(Duration::from_secs(30))
                 .heartbeat(Duration::from_secs(5))
                 .messages()
