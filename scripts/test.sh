@@ -13,6 +13,9 @@ pinned=$(pinned_nats_server)
 system=$(command -v nats-server || echo /usr/sbin/nats-server)
 [ -x /usr/sbin/nats-server ] && system=/usr/sbin/nats-server
 
+# The end-to-end tests also run the real `hookmesh` binary.
+cargo build -p hookmesh --bin hookmesh
+
 echo "== all tests, nats-server $("$system" --version) ($system)"
 NATS_SERVER_BIN="$system" cargo nextest run --workspace --no-fail-fast
 

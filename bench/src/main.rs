@@ -8,6 +8,7 @@
 //! for scripts — or, when anything failed, a loud error and a non-zero exit
 //! instead of figures that would look valid.
 
+mod dispatch;
 mod ingest;
 mod load;
 mod stats;
@@ -32,6 +33,9 @@ struct Cli {
 enum Scenario {
     /// Signed webhooks over HTTP into the host vs. raw JetStream publishes.
     Ingest(ingest::Args),
+    /// Stored events run through a no-op Wasm handler by the host vs. a raw
+    /// JetStream pull consumer fetching and acking.
+    Dispatch(dispatch::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.scenario {
             Scenario::Ingest(args) => ingest::run(args).await,
+            Scenario::Dispatch(args) => dispatch::run(args).await,
         }
     });
     match outcome {

@@ -329,7 +329,7 @@ pub fn hookmesh_bin() -> PathBuf {
         .expect("target layout");
     assert!(
         bin.exists(),
-        "{} not built; run the tests with `cargo nextest run --workspace` (which builds it)",
+        "{} not built; run `cargo build -p hookmesh --bin hookmesh` first (scripts/test.sh does)",
         bin.display()
     );
     bin
