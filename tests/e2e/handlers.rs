@@ -490,3 +490,44 @@ async fn the_sandbox_denies_files_environment_clock_and_network_unless_granted()
         "still no files: {report}"
     );
 }
+
+#[tokio::test]
+async fn a_changed_manifest_updates_the_existing_consumers() {
+    let nats = NatsServer::start().expect("nats");
+    let js = jetstream(&nats).await;
+    let mut recorder = manifest("recorder", "fixture_recorder", "crm.order.>");
+    let host = host_with(&nats, vec![recorder.clone()]).await;
+    assert_eq!(
+        host.send("crm", crm_order("order.created", "ORD-U", 1), "u-1")
+            .await
+            .status,
+        202
+    );
+    wait_for(Duration::from_secs(10), "handled", || async {
+        messages(&js, "hook.recorder.").await.len() == 1
+    })
+    .await;
+    host.shutdown().await.expect("stop");
+
+    recorder.max_deliver = 7;
+    recorder.ack_wait = Duration::from_secs(20);
+    let host = host_with(&nats, vec![recorder]).await;
+    let stream = events(&js).await;
+    wait_for(Duration::from_secs(10), "consumers updated", || async {
+        let info = stream.clone().consumer_info("handler_recorder_3").await;
+        info.is_ok_and(|i| {
+            i.config.max_deliver == 7 && i.config.ack_wait == Duration::from_secs(20)
+        })
+    })
+    .await;
+    assert_eq!(
+        host.send("crm", crm_order("order.created", "ORD-U", 2), "u-2")
+            .await
+            .status,
+        202
+    );
+    wait_for(Duration::from_secs(10), "still handling", || async {
+        messages(&js, "hook.recorder.").await.len() == 2
+    })
+    .await;
+}
