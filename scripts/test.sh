@@ -13,8 +13,9 @@ pinned=$(pinned_nats_server)
 system=$(command -v nats-server || echo /usr/sbin/nats-server)
 [ -x /usr/sbin/nats-server ] && system=/usr/sbin/nats-server
 
-# The end-to-end tests also run the real `hookmesh` binary.
-cargo build -p hookmesh --bin hookmesh
+# Everything, the `hookmesh` binary the end-to-end tests run included, with
+# the same features the test run unifies (so nothing is compiled twice).
+cargo build --workspace --all-targets
 
 echo "== all tests, nats-server $("$system" --version) ($system)"
 NATS_SERVER_BIN="$system" cargo nextest run --workspace --no-fail-fast

@@ -329,7 +329,7 @@ pub fn hookmesh_bin() -> PathBuf {
         .expect("target layout");
     assert!(
         bin.exists(),
-        "{} not built; run `cargo build -p hookmesh --bin hookmesh` first (scripts/test.sh does)",
+        "{} not built; run `cargo build --workspace --all-targets` first (scripts/test.sh does)",
         bin.display()
     );
     bin
