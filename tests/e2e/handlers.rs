@@ -306,12 +306,13 @@ async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go
         manifest("looper", "fixture_loop", "crm.loop.>"),
         manifest("hog", "fixture_memory_hog", "crm.hog.>"),
         manifest("panicker", "fixture_panic", "crm.panic.>"),
+        manifest("refuser", "fixture_permanent", "crm.refuse.>"),
         manifest("healthy", "fixture_recorder", "crm.order.>"),
     ];
     let host = host_with(&nats, handlers).await;
     let js = jetstream(&nats).await;
     let mut seqs = Vec::new();
-    for domain in ["loop", "hog", "panic"] {
+    for domain in ["loop", "hog", "panic", "refuse"] {
         let body =
             serde_json::to_vec(&json!({"type": format!("{domain}.go"), "data": {"id": "X-1"}}))
                 .expect("json");
@@ -357,7 +358,13 @@ async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go
             record.last_error
         );
     }
-    // max_deliver reached: no fifth attempt.
+    wait_for(
+        Duration::from_secs(10),
+        "the permanent failure recorded",
+        || async { attempt(&js, "refuser", seqs[3]).await.is_some() },
+    )
+    .await;
+    // max_deliver reached: no fifth attempt; a permanent failure: no second.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         attempt(&js, "looper", seqs[0])
