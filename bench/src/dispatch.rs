@@ -46,7 +46,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use hookmesh::config::{Config, Env, Origin};
+use hookmesh::config::Config;
 use hookmesh::manifest::Manifest;
 use hookmesh::runtime::{EventInput, MemoryServices, Runtime, Services, Verdict as Outcome};
 use hookmesh::server::Options;
@@ -654,32 +654,13 @@ async fn baseline(
 /// provider (the events are preloaded, not posted). Built from TOML like a
 /// deployment's, with an empty environment.
 fn host_config(nats_url: &str, partitions: u32) -> anyhow::Result<Config> {
-    let text = format!(
-        r#"
-[nats]
-url = "{nats_url}"
-
-[http]
-listen = "127.0.0.1:0"
-max_body_bytes = 65536
-
-[ingest]
-partitions = {partitions}
-
-[providers.{PROVIDER}]
-scheme = "standard-webhooks"
-secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
-event_id = "header:webhook-id"
-event_type = "json:/type"
-entity_id = "json:/data/id"
-"#
-    );
-    Config::from_toml(
-        &text,
-        Origin::File(PathBuf::from("hookmesh-bench (generated)")),
-        &Env::default(),
+    crate::host::config(
+        nats_url,
+        PROVIDER,
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        partitions,
+        64 * 1024,
     )
-    .context("the bench's host config")
 }
 
 /// What the host's `/metrics` says about the handler.
@@ -1128,7 +1109,7 @@ async fn run_variant(
                         .runtime
                         .invoke(
                             &invoker.prepared,
-                            event_input(&message),
+                            hookmesh::dispatch::event_input(&message, 1).unwrap_or_default(),
                             invoker.services.clone(),
                         )
                         .await;
@@ -1177,43 +1158,6 @@ async fn run_variant(
         elapsed,
         cpu,
     })
-}
-
-/// The event of a delivery, built the way the host builds it (headers
-/// copied into strings, payload copied).
-fn event_input(message: &jetstream::Message) -> EventInput {
-    let headers: Vec<(String, String)> = message
-        .headers
-        .iter()
-        .flat_map(|map| map.iter())
-        .flat_map(|(name, values)| {
-            values
-                .iter()
-                .map(move |v| (name.to_string(), v.as_str().to_string()))
-        })
-        .collect();
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    EventInput {
-        id: Some(get("Hook-Event-Id")),
-        idempotency_key: get("Nats-Msg-Id"),
-        provider: get("Hook-Provider"),
-        event_type: get("Hook-Event-Type"),
-        domain: get("Hook-Domain"),
-        entity_id: get("Hook-Entity"),
-        entity_version: None,
-        correlation_id: get("Hook-Correlation-Id"),
-        subject: message.subject.to_string(),
-        received_at: get("Hook-Received-At"),
-        attempt: 1,
-        payload: message.payload.to_vec(),
-        headers,
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -15,13 +15,12 @@
 //! headers) to show where the difference between the two sides goes. They
 //! are printed in the table only; the JSON line is about the two sides.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail, ensure};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use hookmesh::config::{Config, Env, Origin, Provider};
+use hookmesh::config::{Config, Provider};
 use hookmesh::publish::{Inbound, Publisher, Stored};
 use hookmesh::send::{Signed, prepare};
 use hookmesh::server::Options;
@@ -337,33 +336,13 @@ fn ended_why(
 fn host_config(nats_url: &str, secret: &str, payload_bytes: usize) -> anyhow::Result<Config> {
     // At least 64 KiB but under nats-server's default max_payload (1 MiB),
     // which would otherwise earn a warning at start.
-    let max_body = payload_bytes.max(64 * 1024);
-    let text = format!(
-        r#"
-[nats]
-url = "{nats_url}"
-
-[http]
-listen = "127.0.0.1:0"
-max_body_bytes = {max_body}
-
-[ingest]
-partitions = {PARTITIONS}
-
-[providers.{PROVIDER}]
-scheme = "standard-webhooks"
-secrets = ["{secret}"]
-event_id = "header:webhook-id"
-event_type = "json:/type"
-entity_id = "json:/data/id"
-"#
-    );
-    Config::from_toml(
-        &text,
-        Origin::File(PathBuf::from("hookmesh-bench (generated)")),
-        &Env::default(),
+    crate::host::config(
+        nats_url,
+        PROVIDER,
+        secret,
+        PARTITIONS as u32,
+        payload_bytes.max(64 * 1024),
     )
-    .context("the bench's host config")
 }
 
 /// Polls `/readyz` until it answers 200 (NATS connected, streams present).

@@ -9,6 +9,7 @@
 //! instead of figures that would look valid.
 
 mod dispatch;
+mod host;
 mod ingest;
 mod load;
 mod stats;

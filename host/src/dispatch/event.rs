@@ -21,7 +21,7 @@ pub struct Source {
     pub traceparent: Option<String>,
 }
 
-/// The event of a delivery. Headers hookmesh wrote are preferred; a message
+/// The event of delivery number `delivery` of a message. Headers hookmesh wrote are preferred; a message
 /// someone published by hand falls back to what its subject says.
 pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, String> {
     let subject = message.subject.to_string();

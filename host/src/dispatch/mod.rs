@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use attempts::{AttemptRecord, Reason};
+pub use event::input as event_input;
 
 use crate::manifest::{Manifest, partition_filter};
 use crate::metrics::Metrics;

@@ -1,0 +1,45 @@
+//! The host configuration every scenario runs with.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use hookmesh::config::{Config, Env, Origin};
+
+/// The host's config: the bench's nats-server, `partitions`, one Standard
+/// Webhooks provider. Built from TOML like a deployment's, with an empty
+/// environment so the caller's `HOOKMESH_*` variables cannot change what is
+/// measured.
+pub fn config(
+    nats_url: &str,
+    provider: &str,
+    secret: &str,
+    partitions: u32,
+    max_body_bytes: usize,
+) -> anyhow::Result<Config> {
+    let text = format!(
+        r#"
+[nats]
+url = "{nats_url}"
+
+[http]
+listen = "127.0.0.1:0"
+max_body_bytes = {max_body_bytes}
+
+[ingest]
+partitions = {partitions}
+
+[providers.{provider}]
+scheme = "standard-webhooks"
+secrets = ["{secret}"]
+event_id = "header:webhook-id"
+event_type = "json:/type"
+entity_id = "json:/data/id"
+"#
+    );
+    Config::from_toml(
+        &text,
+        Origin::File(PathBuf::from("hookmesh-bench (generated)")),
+        &Env::default(),
+    )
+    .context("the bench's host config")
+}
