@@ -37,6 +37,12 @@ use crate::manifest::Manifest;
 /// deadline is kept to within one tick.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// The most events one invocation may emit, and the largest emit: a guest
+/// cannot make the host buffer without bound.
+pub const MAX_EMITS: usize = 1_000;
+/// See [`MAX_EMITS`].
+pub const MAX_EMIT_BYTES: usize = 1 << 20;
+
 /// The most memory any one invocation may have (a manifest asking for more
 /// is refused): the pooling allocator reserves this per slot.
 pub const MAX_MEMORY: u64 = 512 << 20;
@@ -168,6 +174,8 @@ struct Invocation {
     services: Arc<dyn Services>,
     manifest: Arc<Manifest>,
     emits: Vec<Emit>,
+    /// Set when the guest emitted past the limits; fails the invocation.
+    emit_overflow: bool,
     correlation_id: String,
 }
 
@@ -324,6 +332,7 @@ impl Runtime {
             services,
             manifest,
             emits: Vec::new(),
+            emit_overflow: false,
             correlation_id,
         };
         let mut store = Store::new(&self.engine, data);
@@ -357,6 +366,12 @@ impl Runtime {
             Ok(Ok(Err(types::HandlerError::Transient(reason)))) => Verdict::Transient(reason),
             Ok(Ok(Err(types::HandlerError::Permanent(reason)))) => Verdict::Permanent(reason),
             Ok(Ok(Err(types::HandlerError::NeedsHuman(reason)))) => Verdict::NeedsHuman(reason),
+        };
+        let verdict = match verdict {
+            Verdict::Ok if store.data().emit_overflow => Verdict::Permanent(format!(
+                "emitted more than {MAX_EMITS} events or one larger than {MAX_EMIT_BYTES} bytes"
+            )),
+            other => other,
         };
         let emits = match verdict {
             Verdict::Ok => std::mem::take(&mut store.data_mut().emits),
@@ -540,6 +555,10 @@ fn mapping_error(failure: MappingFailure) -> mapping::MappingError {
 
 impl outbox::Host for Invocation {
     async fn emit(&mut self, event_type: String, entity_id: String, payload: Vec<u8>) {
+        if self.emits.len() >= MAX_EMITS || payload.len() > MAX_EMIT_BYTES {
+            self.emit_overflow = true;
+            return;
+        }
         self.emits.push(Emit {
             event_type,
             entity_id,
