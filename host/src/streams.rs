@@ -46,6 +46,20 @@ const DEFINITIONS: &[(&str, &str)] = &[
         "KV_hook_attempts.json",
         include_str!("../../nats/streams/KV_hook_attempts.json"),
     ),
+    // Captured from the first start, so no advisory is lost while no
+    // dead-letter writer runs.
+    (
+        "HOOK_ADVISORIES.json",
+        include_str!("../../nats/streams/HOOK_ADVISORIES.json"),
+    ),
+    (
+        "HOOK_DLQ.json",
+        include_str!("../../nats/streams/HOOK_DLQ.json"),
+    ),
+    (
+        "HOOK_AUDIT.json",
+        include_str!("../../nats/streams/HOOK_AUDIT.json"),
+    ),
 ];
 
 /// Why streams could not be applied.

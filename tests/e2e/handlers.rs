@@ -538,3 +538,46 @@ async fn a_changed_manifest_updates_the_existing_consumers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn give_up_advisories_are_captured_for_the_dead_letter_queue() {
+    let nats = NatsServer::start().expect("nats");
+    let host = host_with(
+        &nats,
+        vec![manifest("refuser", "fixture_permanent", "crm.order.>")],
+    )
+    .await;
+    let js = jetstream(&nats).await;
+    let seq = host
+        .send("crm", crm_order("order.created", "ORD-D", 1), "d-1")
+        .await
+        .json["stream_seq"]
+        .as_u64()
+        .expect("seq");
+    let advisories = js
+        .get_stream("HOOK_ADVISORIES")
+        .await
+        .expect("capture stream");
+    wait_for(
+        Duration::from_secs(10),
+        "the MSG_TERMINATED advisory captured",
+        || async {
+            advisories
+                .clone()
+                .info()
+                .await
+                .is_ok_and(|i| i.state.messages == 1)
+        },
+    )
+    .await;
+    let captured = advisories.get_raw_message(1).await.expect("advisory");
+    assert!(
+        captured
+            .subject
+            .starts_with("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.HOOK_EVENTS.handler_refuser_"),
+        "{}",
+        captured.subject
+    );
+    let advisory: Value = serde_json::from_slice(&captured.payload).expect("json");
+    assert_eq!(advisory["stream_seq"], seq);
+}

@@ -29,7 +29,10 @@ async fn apply_creates_then_changes_nothing_then_updates_what_differs() {
             ("KV_hook_idempotency".to_string(), Outcome::Created),
             ("KV_hook_state".to_string(), Outcome::Created),
             ("KV_hook_mappings".to_string(), Outcome::Created),
-            ("KV_hook_attempts".to_string(), Outcome::Created)
+            ("KV_hook_attempts".to_string(), Outcome::Created),
+            ("HOOK_ADVISORIES".to_string(), Outcome::Created),
+            ("HOOK_DLQ".to_string(), Outcome::Created),
+            ("HOOK_AUDIT".to_string(), Outcome::Created)
         ]
     );
     let again = streams::apply(&js, &ingest(&nats, ""), Mode::Update)
