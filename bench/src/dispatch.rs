@@ -56,6 +56,7 @@ use hookmesh_test_support::NatsServer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::stats::progress;
 use crate::stats::{self, Verdict};
 
 /// The guest every side runs.
@@ -257,11 +258,6 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
         overhead_p99_us: stats::round(overhead.us(99.0), 1),
     })?;
     Ok(Verdict::Clean)
-}
-
-/// Progress goes to stderr: stdout is the table and the JSON line.
-fn progress(what: &str) {
-    eprintln!("hookmesh-bench: {what}");
 }
 
 /// The workspace root (the bench lives one level below it).

@@ -31,6 +31,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::load::{Run, closed_loop, timed};
+use crate::stats::progress;
 use crate::stats::{self, Measured, Verdict};
 
 /// The provider the bench posts as (the development config's name).
@@ -139,11 +140,6 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
         p99_ms: stats::round(hookmesh.percentile_ms(99.0), 3),
     })?;
     Ok(Verdict::Clean)
-}
-
-/// Progress goes to stderr: stdout is the table and the JSON line.
-fn progress(what: &str) {
-    eprintln!("hookmesh-bench: {what}");
 }
 
 /// The baseline side; also returns the server's version for the title.

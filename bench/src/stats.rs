@@ -155,6 +155,11 @@ pub fn print_json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Progress goes to stderr: stdout is the table and the JSON line.
+pub fn progress(what: &str) {
+    eprintln!("hookmesh-bench: {what}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
