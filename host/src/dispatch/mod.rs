@@ -248,6 +248,12 @@ impl Dispatch {
                     },
                 }
             }
+            // A pull that keeps failing while NATS answers (a consumer
+            // deleted by hand, say) must not spin: pause before re-pulling.
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = shutdown.changed() => {}
+            }
         }
     }
 

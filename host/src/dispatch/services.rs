@@ -141,18 +141,21 @@ impl Services for NatsServices {
         id: &'a str,
         other_system: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, MappingFailure>> {
-        Box::pin(async move {
-            let value = self
-                .mappings
-                .get(mapping_key(system, id, other_system))
-                .await
-                .map_err(|e| MappingFailure::Unavailable(e.to_string()))?;
-            Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
-        })
+        Box::pin(async move { self.linked(&mapping_key(system, id, other_system)).await })
     }
 }
 
 impl NatsServices {
+    /// The id stored under a mapping key.
+    async fn linked(&self, key: &str) -> Result<Option<String>, MappingFailure> {
+        let value = self
+            .mappings
+            .get(key)
+            .await
+            .map_err(|e| MappingFailure::Unavailable(e.to_string()))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     async fn link_one(
         &self,
         system: &str,
@@ -168,12 +171,7 @@ impl NatsServices {
         {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let existing = self
-                    .mappings
-                    .get(&key)
-                    .await
-                    .map_err(|e| MappingFailure::Unavailable(e.to_string()))?
-                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                let existing = self.linked(&key).await?;
                 match existing {
                     Some(existing) if existing == other_id => Ok(()),
                     Some(existing) => Err(MappingFailure::Conflict(format!(
