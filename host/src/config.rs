@@ -132,6 +132,14 @@ impl Env {
     }
 }
 
+/// `[operator]`: who is at the keyboard, for the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorConfig {
+    /// The actor recorded for deploys, rollbacks, replays and purges
+    /// (`--actor` overrides it; unset means `$USER@<hostname>`).
+    pub actor: Option<String>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -145,6 +153,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// Providers by name (the `{provider}` of `/webhooks/{provider}`).
     pub providers: BTreeMap<String, Provider>,
+    /// Who the CLI records as the actor in `HOOK_AUDIT`.
+    pub operator: OperatorConfig,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
 }
@@ -334,6 +344,9 @@ impl Config {
             },
             ingest,
             providers,
+            operator: OperatorConfig {
+                actor: raw.operator.actor.filter(|a| !a.trim().is_empty()),
+            },
             warnings,
         })
     }
@@ -376,6 +389,13 @@ struct RawConfig {
     http: RawHttp,
     ingest: RawIngest,
     providers: BTreeMap<String, RawProvider>,
+    operator: RawOperator,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawOperator {
+    actor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -836,7 +856,7 @@ fn apply_env_overrides(
             .ok_or_else(|| fail("expected HOOKMESH_<SECTION>_<KEY>".into()))?;
         let value = env_value(value).map_err(fail)?;
         match section {
-            "nats" | "http" | "ingest" => {
+            "nats" | "http" | "ingest" | "operator" => {
                 section_table(table, section)
                     .map_err(&fail)?
                     .insert(key.to_string(), value);

@@ -24,10 +24,12 @@
 //! - [`runtime`]: running handler components in wasmtime, sandboxed.
 //! - [`local`]: the development NATS server that `hookmesh up` starts.
 //! - [`send`]: signing and POSTing a test webhook (`hookmesh send`).
+//! - [`audit`]: the `HOOK_AUDIT` trail of deploys, rollbacks, replays, purges.
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
 
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
