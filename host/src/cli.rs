@@ -2,7 +2,7 @@
 //! subcommand is one call into a module that tests call too.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -10,9 +10,11 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::{Config, Env, Origin};
+use crate::dlq::commands::{self, Target};
+use crate::dlq::store::Selection;
 use crate::nats::{self, Patience};
 use crate::streams::{self, Mode};
-use crate::{local, manifest, send, server};
+use crate::{audit, local, manifest, send, server};
 
 /// Signed webhooks into NATS JetStream, handled by sandboxed Wasm components.
 #[derive(Debug, Parser)]
@@ -55,6 +57,12 @@ pub enum Command {
         #[command(subcommand)]
         command: StreamsCommand,
     },
+    /// Dead letters: list, show, replay, purge.
+    Dlq {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Sign a body with a provider's secret and POST it (a testing aid).
     Send {
         /// The provider, as named in the config.
@@ -72,6 +80,78 @@ pub enum Command {
         /// Set the event id (header-borne ids are otherwise generated fresh).
         #[arg(long, value_name = "ID")]
         id: Option<String>,
+    },
+}
+
+/// `hookmesh dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// A table of dead letters, oldest first.
+    List {
+        /// Only this handler's.
+        #[arg(long, value_name = "N")]
+        handler: Option<String>,
+        /// Only this reason: max-deliveries, permanent, needs-human, trap.
+        #[arg(long, value_name = "R")]
+        reason: Option<String>,
+        /// Only those stored within this long, e.g. `30m`, `2h`, `7d`.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Only this entity's (its id as the provider sent it).
+        #[arg(long, value_name = "E")]
+        entity: Option<String>,
+    },
+    /// One dead letter: failure record, headers, payload.
+    Show {
+        /// Its sequence in HOOK_DLQ.
+        seq: u64,
+    },
+    /// Run dead letters through their handler's current version again (on
+    /// a running host); success removes the entry.
+    Replay {
+        /// The entries, by HOOK_DLQ sequence.
+        #[arg(required_unless_present = "handler", conflicts_with = "handler")]
+        seqs: Vec<u64>,
+        /// Every entry of this handler (narrowed by --reason / --since).
+        #[arg(long, value_name = "N")]
+        handler: Option<String>,
+        /// With --handler: only this reason.
+        #[arg(long, value_name = "R", requires = "handler")]
+        reason: Option<String>,
+        /// With --handler: only those stored within this long.
+        #[arg(long, value_name = "D", requires = "handler", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Say what would be replayed, and replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replay with this payload instead of the stored one (for this
+        /// replay only; a failure keeps the original).
+        #[arg(long, value_name = "FILE")]
+        payload: Option<PathBuf>,
+        /// Who is recorded in HOOK_AUDIT [default: [operator] actor, else $USER@host].
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Delete dead letters (asks unless --yes).
+    Purge {
+        /// The entries, by HOOK_DLQ sequence.
+        #[arg(required_unless_present = "handler", conflicts_with = "handler")]
+        seqs: Vec<u64>,
+        /// Every entry of this handler (narrowed by --older-than / --reason).
+        #[arg(long, value_name = "N")]
+        handler: Option<String>,
+        /// With --handler: only entries stored longer ago than this.
+        #[arg(long, value_name = "D", requires = "handler", value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// With --handler: only this reason.
+        #[arg(long, value_name = "R", requires = "handler")]
+        reason: Option<String>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// Who is recorded in HOOK_AUDIT [default: [operator] actor, else $USER@host].
+        #[arg(long)]
+        actor: Option<String>,
     },
 }
 
@@ -101,6 +181,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Streams {
             command: StreamsCommand::Apply,
         } => apply_streams(&config).await,
+        Command::Dlq { command } => dlq_command(&config, command).await,
         Command::Send {
             provider,
             file,
@@ -202,6 +283,68 @@ async fn apply_streams(config: &Config) -> anyhow::Result<()> {
         println!("{stream:<24} {outcome:?}");
     }
     Ok(())
+}
+
+async fn dlq_command(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    let client = nats::connect(&config.nats, "hookmesh-cli", Patience::FailFast).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let check = |reason: &Option<String>| reason.as_deref().map_or(Ok(()), commands::check_reason);
+    match command {
+        DlqCommand::List {
+            handler,
+            reason,
+            since,
+            entity,
+        } => {
+            check(&reason)?;
+            let selection = Selection {
+                handler,
+                reason,
+                since,
+                entity,
+                older_than: None,
+            };
+            commands::list(&js, &selection).await
+        }
+        DlqCommand::Show { seq } => commands::show(&js, seq).await,
+        DlqCommand::Replay {
+            seqs,
+            handler,
+            reason,
+            since,
+            dry_run,
+            payload,
+            actor,
+        } => {
+            check(&reason)?;
+            let selection = Selection {
+                reason,
+                since,
+                ..Selection::default()
+            };
+            let target = Target::new(seqs, handler, selection);
+            let actor = audit::actor(actor.as_deref(), config);
+            commands::replay(&client, &target, payload.as_deref(), dry_run, &actor).await
+        }
+        DlqCommand::Purge {
+            seqs,
+            handler,
+            older_than,
+            reason,
+            yes,
+            actor,
+        } => {
+            check(&reason)?;
+            let selection = Selection {
+                reason,
+                older_than,
+                ..Selection::default()
+            };
+            let target = Target::new(seqs, handler, selection);
+            let actor = audit::actor(actor.as_deref(), config);
+            commands::purge(&js, &target, yes, &actor).await
+        }
+    }
 }
 
 async fn send_file(

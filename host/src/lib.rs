@@ -17,6 +17,8 @@
 //! - [`ingress`]: the HTTP API and its answers.
 //! - [`dispatch`]: handlers run from durable per-partition consumers;
 //!   ack / nak / term by result; attempt records; emits.
+//! - [`dlq`]: dead letters — the advisory-driven writer, parking, replay
+//!   and purge.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`nats`]: connecting as configured.
 //! - [`server`]: running the host and stopping it cleanly.
@@ -33,6 +35,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod dlq;
 pub mod extract;
 pub mod ingress;
 pub mod local;

@@ -64,12 +64,30 @@ pub struct Manifest {
     /// Retry delays.
     #[serde(default)]
     pub backoff: Backoff,
+    /// What the entity's later events do once one of its events is a dead
+    /// letter: go on (`continue`) or wait until it is replayed or purged
+    /// (`park`).
+    #[serde(default)]
+    pub on_dead_letter: OnDeadLetter,
     /// What the sandbox grants.
     #[serde(default)]
     pub sandbox: Sandbox,
     /// Free-form settings, read by the guest through `config`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+}
+
+/// What an entity's later events do after one of its events became a dead
+/// letter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDeadLetter {
+    /// They are handled as usual.
+    #[default]
+    Continue,
+    /// They wait, in order, until the dead letter is replayed successfully
+    /// or purged; other entities go on.
+    Park,
 }
 
 /// Exponential backoff with jitter: `initial`, doubling per attempt, capped.

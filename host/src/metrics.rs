@@ -38,6 +38,22 @@ pub struct HandlerLabel {
     pub outcome: &'static str,
 }
 
+/// A dead-letter label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabel {
+    /// The handler.
+    pub handler: String,
+    /// `max-deliveries`, `permanent`, `needs-human`, `trap`.
+    pub reason: &'static str,
+}
+
+/// A per-handler label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerOnly {
+    /// The handler.
+    pub handler: String,
+}
+
 /// The host's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -53,6 +69,9 @@ struct Inner {
     in_flight: Gauge,
     handled: Family<HandlerLabel, Counter>,
     invocation_seconds: Histogram,
+    dead_letters: Family<DeadLetterLabel, Counter>,
+    dlq_depth: Family<HandlerOnly, Gauge>,
+    dlq_oldest_seconds: Family<HandlerOnly, Gauge>,
 }
 
 impl Default for Metrics {
@@ -67,6 +86,24 @@ impl Default for Metrics {
         let handled = Family::<HandlerLabel, Counter>::default();
         // 20 µs … ~20 s.
         let invocation_seconds = Histogram::new(exponential_buckets(0.000_02, 2.0, 20));
+        let dead_letters = Family::<DeadLetterLabel, Counter>::default();
+        let dlq_depth = Family::<HandlerOnly, Gauge>::default();
+        let dlq_oldest_seconds = Family::<HandlerOnly, Gauge>::default();
+        registry.register(
+            "dead_letters",
+            "Dead letters written by this host, by handler and reason",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "dlq_depth",
+            "Entries in HOOK_DLQ, by handler",
+            dlq_depth.clone(),
+        );
+        registry.register(
+            "dlq_oldest_age_seconds",
+            "Age of the oldest entry in HOOK_DLQ, by handler (0 when empty)",
+            dlq_oldest_seconds.clone(),
+        );
         registry.register(
             "events_handled",
             "Handler invocations, by handler and outcome",
@@ -112,6 +149,9 @@ impl Default for Metrics {
                 in_flight,
                 handled,
                 invocation_seconds,
+                dead_letters,
+                dlq_depth,
+                dlq_oldest_seconds,
             }),
         }
     }
@@ -162,6 +202,30 @@ impl Metrics {
         };
         self.inner.handled.get_or_create(&label).inc();
         self.inner.invocation_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a dead letter written.
+    pub fn dead_lettered(&self, handler: &str, reason: &'static str) {
+        let label = DeadLetterLabel {
+            handler: handler.to_string(),
+            reason,
+        };
+        self.inner.dead_letters.get_or_create(&label).inc();
+    }
+
+    /// Sets a handler's DLQ depth and the age of its oldest entry.
+    pub fn dlq_gauges(&self, handler: &str, depth: u64, oldest: Duration) {
+        let label = HandlerOnly {
+            handler: handler.to_string(),
+        };
+        self.inner
+            .dlq_depth
+            .get_or_create(&label)
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.inner
+            .dlq_oldest_seconds
+            .get_or_create(&label)
+            .set(i64::try_from(oldest.as_secs()).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.

@@ -1,19 +1,21 @@
 //! Running the host: NATS connection, streams, HTTP, handler dispatch — and
 //! a clean stop.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::dispatch::services::NatsServices;
 use crate::dispatch::{Dispatch, DispatchError, HandlerSlot, version_of};
+use crate::dlq;
 use crate::ingress::{self, Ingress};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
@@ -195,6 +197,19 @@ async fn start_background(bg: Background) -> ServeError {
             }
         }
     }
+    {
+        let mut workers = bg.workers.lock().await;
+        workers.spawn(dlq::writer::run(
+            js.clone(),
+            bg.metrics.clone(),
+            bg.stopped.clone(),
+        ));
+        workers.spawn(refresh_dlq_gauges(
+            js.clone(),
+            bg.metrics.clone(),
+            bg.stopped.clone(),
+        ));
+    }
     if !bg.slots.is_empty() {
         let services = match NatsServices::open(&js).await {
             Ok(services) => services,
@@ -224,6 +239,40 @@ async fn start_background(bg: Background) -> ServeError {
         info!(partitions = bg.config.ingest.partitions, "dispatch started");
     }
     std::future::pending().await
+}
+
+/// How often the DLQ depth and age gauges are refreshed.
+const DLQ_GAUGES_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the DLQ depth and oldest-age gauges current; a handler whose
+/// entries are all gone reads 0.
+async fn refresh_dlq_gauges(
+    js: async_nats::jetstream::Context,
+    metrics: Metrics,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut every = tokio::time::interval(DLQ_GAUGES_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        match dlq::store::depths(&js).await {
+            Ok(depths) => {
+                let now = SystemTime::now();
+                for gone in seen.iter().filter(|h| !depths.contains_key(h.as_str())) {
+                    metrics.dlq_gauges(gone, 0, Duration::ZERO);
+                }
+                for (handler, (depth, oldest)) in &depths {
+                    let age = now.duration_since(*oldest).unwrap_or_default();
+                    metrics.dlq_gauges(handler, *depth, age);
+                }
+                seen = depths.into_keys().collect();
+            }
+            Err(error) => debug!(%error, "DLQ gauges not refreshed"),
+        }
+    }
 }
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {

@@ -5,37 +5,28 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use hookmesh::manifest::Manifest;
+use hookmesh::streams::EVENTS_STREAM;
 use hookmesh_test_support::NatsServer;
 use serde_json::{Value, json};
 
 use crate::support::*;
 
 /// Every stored message whose subject starts with `prefix`, in stream order.
-async fn messages(js: &jetstream::Context, prefix: &str) -> Vec<(String, Value)> {
-    let stream = events(js).await;
-    let last = stream
-        .clone()
-        .info()
+pub(crate) async fn messages(js: &jetstream::Context, prefix: &str) -> Vec<(String, Value)> {
+    stored_messages(js, EVENTS_STREAM)
         .await
-        .expect("info")
-        .state
-        .last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        let Ok(message) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        if message.subject.starts_with(prefix) {
+        .into_iter()
+        .filter(|m| m.subject.starts_with(prefix))
+        .map(|message| {
             let payload = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
                 Value::String(String::from_utf8_lossy(&message.payload).into_owned())
             });
-            out.push((message.subject.to_string(), payload));
-        }
-    }
-    out
+            (message.subject.to_string(), payload)
+        })
+        .collect()
 }
 
-async fn state(js: &jetstream::Context, handler: &str, key: &str) -> Option<String> {
+pub(crate) async fn state(js: &jetstream::Context, handler: &str, key: &str) -> Option<String> {
     let kv = js.get_key_value("hook_state").await.expect("bucket");
     let key = format!(
         "{}.{}",
@@ -87,7 +78,7 @@ fn example(name: &str) -> Manifest {
     manifest
 }
 
-async fn host_with(nats: &NatsServer, handlers: Vec<Manifest>) -> TestHost {
+pub(crate) async fn host_with(nats: &NatsServer, handlers: Vec<Manifest>) -> TestHost {
     let options = Options {
         handlers,
         ..Options::default()

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod dlq;
 mod handlers;
 mod ingest;
 mod ordering;

@@ -318,6 +318,28 @@ where
     }
 }
 
+/// Every message still in `stream`, in stream order.
+pub async fn stored_messages(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<jetstream::message::StreamMessage> {
+    let stream = js.get_stream(stream).await.expect("stream");
+    let last = stream
+        .clone()
+        .info()
+        .await
+        .expect("info")
+        .state
+        .last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            out.push(message);
+        }
+    }
+    out
+}
+
 /// The `hookmesh` binary cargo built beside this test binary.
 pub fn hookmesh_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

@@ -114,3 +114,11 @@ pub async fn read(
         .map_err(|e| e.to_string())?
         .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
 }
+
+/// Forgets an event's record (its dead letter was replayed successfully).
+pub async fn clear(bucket: &kv::Store, handler: &str, stream_seq: u64) -> Result<(), String> {
+    bucket
+        .delete(key(handler, stream_seq))
+        .await
+        .map_err(|e| e.to_string())
+}

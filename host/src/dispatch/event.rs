@@ -21,14 +21,48 @@ pub struct Source {
     pub traceparent: Option<String>,
 }
 
-/// The event of delivery number `delivery` of a message. Headers hookmesh wrote are preferred; a message
-/// someone published by hand falls back to what its subject says.
+impl Source {
+    /// What the emits of `input` inherit.
+    pub fn of(input: &EventInput) -> Source {
+        Source {
+            idempotency_key: input.idempotency_key.clone(),
+            correlation_id: input.correlation_id.clone(),
+            traceparent: input
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+                .map(|(_, v)| v.clone()),
+        }
+    }
+}
+
+/// The event of delivery number `delivery` of a message. Headers hookmesh
+/// wrote are preferred; a message someone published by hand falls back to
+/// what its subject says.
 pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, String> {
-    let subject = message.subject.to_string();
+    let info = message.info().map_err(|e| e.to_string())?;
+    input_from(
+        &message.subject,
+        message.headers.as_ref(),
+        &message.payload,
+        info.stream_sequence,
+        delivery,
+    )
+}
+
+/// The event stored as `subject` / `headers` / `payload` at `stream_seq`,
+/// for attempt number `attempt` (also for events read back by sequence:
+/// replays and parked events).
+pub fn input_from(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    stream_seq: u64,
+    attempt: u64,
+) -> Result<EventInput, String> {
     let address =
-        EventAddress::parse(&subject).map_err(|e| format!("not a hookmesh event subject: {e}"))?;
-    let headers: Vec<(String, String)> = message
-        .headers
+        EventAddress::parse(subject).map_err(|e| format!("not a hookmesh event subject: {e}"))?;
+    let headers: Vec<(String, String)> = headers
         .iter()
         .flat_map(|map| map.iter())
         .flat_map(|(name, values)| {
@@ -43,11 +77,9 @@ pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, 
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
     };
-    let info = message.info().map_err(|e| e.to_string())?;
     Ok(EventInput {
         id: get("Hook-Event-Id"),
-        idempotency_key: get("Nats-Msg-Id")
-            .unwrap_or_else(|| format!("seq:{}", info.stream_sequence)),
+        idempotency_key: get("Nats-Msg-Id").unwrap_or_else(|| format!("seq:{stream_seq}")),
         provider: get("Hook-Provider").unwrap_or(address.provider),
         event_type: get("Hook-Event-Type").unwrap_or(address.event_type),
         domain: get("Hook-Domain").unwrap_or(address.domain),
@@ -57,10 +89,10 @@ pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, 
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         received_at: get("Hook-Received-At")
             .unwrap_or_else(|| humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-        subject,
-        attempt: u32::try_from(delivery).unwrap_or(u32::MAX),
+        subject: subject.to_string(),
+        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
         headers,
-        payload: message.payload.to_vec(),
+        payload: payload.to_vec(),
     })
 }
 

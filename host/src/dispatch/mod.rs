@@ -12,8 +12,10 @@
 //!
 //! Dispatch knows nothing of HTTP.
 
-mod attempts;
+pub mod attempts;
+mod drain;
 mod event;
+mod replay;
 pub mod services;
 
 use std::sync::{Arc, RwLock};
@@ -26,11 +28,12 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use attempts::{AttemptRecord, Reason};
-pub use event::input as event_input;
+pub use event::{input as event_input, input_from as event_input_from};
 
-use crate::manifest::{Manifest, partition_filter};
+use crate::dlq::park;
+use crate::manifest::{Manifest, OnDeadLetter, partition_filter};
 use crate::metrics::Metrics;
-use crate::runtime::{Prepared, Runtime, Services, Verdict};
+use crate::runtime::{EventInput, Prepared, Runtime, Services, Verdict};
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
 
 /// Messages asked for per pull request (see `run_partition`).
@@ -89,6 +92,8 @@ pub struct Dispatch {
     attempts: kv::Store,
     partitions: u32,
     metrics: Metrics,
+    /// Names this process in park leases.
+    host_id: String,
 }
 
 impl std::fmt::Debug for Dispatch {
@@ -122,6 +127,12 @@ impl Dispatch {
             attempts,
             partitions,
             metrics,
+            host_id: format!(
+                "{}:{}:{}",
+                crate::audit::hostname(),
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
         }))
     }
 
@@ -130,7 +141,8 @@ impl Dispatch {
         &self.runtime
     }
 
-    /// Starts one worker per partition for `slot`, until `shutdown` turns
+    /// Starts one worker per partition for `slot`, its replay service and,
+    /// for a parking handler, its park drainer — until `shutdown` turns
     /// true; each finishes the event in hand before it stops.
     pub fn spawn(
         self: &Arc<Self>,
@@ -138,6 +150,10 @@ impl Dispatch {
         shutdown: watch::Receiver<bool>,
         workers: &mut JoinSet<()>,
     ) {
+        workers.spawn(self.clone().serve_replays(slot.clone(), shutdown.clone()));
+        if slot.current().manifest.on_dead_letter == OnDeadLetter::Park {
+            workers.spawn(self.clone().drain_parked(slot.clone(), shutdown.clone()));
+        }
         for partition in 0..self.partitions {
             let dispatch = self.clone();
             let slot = slot.clone();
@@ -298,50 +314,65 @@ impl Dispatch {
             attempt = delivery,
         );
         async {
-            let source = event::Source {
-                idempotency_key: input.idempotency_key.clone(),
-                correlation_id: input.correlation_id.clone(),
-                traceparent: header(&message, "traceparent"),
-            };
-            let invocation = self.runtime.invoke(&prepared, input, self.services.clone());
-            tokio::pin!(invocation);
+            if manifest.on_dead_letter == OnDeadLetter::Park {
+                match park::enqueue_if_parked(&self.attempts, &manifest.name, &input.subject, stream_seq).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        info!("the entity is parked behind a dead letter; the event waits its turn");
+                        if let Err(error) = message.double_ack().await {
+                            warn!(%error, "ack not confirmed; the event is queued once all the same");
+                        }
+                        return;
+                    }
+                    Err(error) => {
+                        warn!(%error, "cannot tell whether the entity is parked; retrying");
+                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        return;
+                    }
+                }
+            }
+            let execution = self.execute(&prepared, input);
+            tokio::pin!(execution);
             // Tell the server the event is still being worked on, so a long
             // handler is not redelivered elsewhere meanwhile.
             let mut progress = tokio::time::interval(manifest.ack_wait / 3);
             progress.tick().await;
-            let invoked = loop {
+            let outcome = loop {
                 tokio::select! {
-                    invoked = &mut invocation => break invoked,
+                    outcome = &mut execution => break outcome,
                     _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
                 }
             };
-            self.metrics.invoked(&manifest.name, verdict_label(&invoked.verdict), invoked.elapsed);
-            let (reason, error) = match invoked.verdict {
-                Verdict::Ok => {
-                    match event::publish_emits(&self.js, &manifest.name, &source, &invoked.emits, self.partitions).await {
-                        Ok(()) => {
-                            if let Err(error) = message.double_ack().await {
-                                // The handler ran; the server will redeliver
-                                // and the handler must tolerate running twice.
-                                warn!(%error, "ack not confirmed");
-                            }
-                            debug!(emits = invoked.emits.len(), took = ?invoked.elapsed, "handled");
-                            return;
-                        }
-                        Err(error) => (Reason::Transient, error),
+            let (reason, error) = match outcome {
+                Ok(emits) => {
+                    if let Err(error) = message.double_ack().await {
+                        // The handler ran; the server will redeliver and
+                        // the handler must tolerate running twice.
+                        warn!(%error, "ack not confirmed");
                     }
+                    debug!(emits, "handled");
+                    return;
                 }
-                Verdict::Transient(error) => (Reason::Transient, error),
-                Verdict::Trap(error) => (Reason::Trap, error),
-                Verdict::Permanent(error) => (Reason::Permanent, error),
-                Verdict::NeedsHuman(error) => (Reason::NeedsHuman, error),
+                Err(failure) => failure,
             };
             self.fail(&manifest.name, &version, &message, stream_seq, delivery, &error, reason)
                 .await;
+            let retries_left = delivery < u64::try_from(manifest.max_deliver).unwrap_or(u64::MAX);
+            let last = matches!(reason, Reason::Permanent | Reason::NeedsHuman) || !retries_left;
+            if last
+                && manifest.on_dead_letter == OnDeadLetter::Park
+                && let Err(error) = park::hold(&self.attempts, &manifest.name, &message.subject, stream_seq).await
+            {
+                warn!(%error, "could not park the entity; its later events go on");
+            }
             let settle = match reason {
                 Reason::Transient | Reason::Trap => {
                     let delay = manifest.backoff.delay(delivery);
-                    info!(%error, ?reason, retry_in = ?delay, "failed; will retry");
+                    if retries_left {
+                        info!(%error, ?reason, retry_in = ?delay, "failed; will retry");
+                    } else {
+                        warn!(%error, ?reason, "failed on the last delivery; dead letter");
+                    }
                     AckKind::Nak(Some(delay))
                 }
                 Reason::Permanent | Reason::NeedsHuman => {
@@ -355,6 +386,42 @@ impl Dispatch {
         }
         .instrument(span)
         .await;
+    }
+
+    /// Runs one event on `prepared` and, when it succeeds, publishes its
+    /// emits: `Ok(emits)` or the failure's class and message.
+    async fn execute(
+        &self,
+        prepared: &Arc<Prepared>,
+        input: EventInput,
+    ) -> Result<usize, (Reason, String)> {
+        let manifest = &prepared.manifest;
+        let source = event::Source::of(&input);
+        let invoked = self
+            .runtime
+            .invoke(prepared, input, self.services.clone())
+            .await;
+        self.metrics.invoked(
+            &manifest.name,
+            verdict_label(&invoked.verdict),
+            invoked.elapsed,
+        );
+        match invoked.verdict {
+            Verdict::Ok => event::publish_emits(
+                &self.js,
+                &manifest.name,
+                &source,
+                &invoked.emits,
+                self.partitions,
+            )
+            .await
+            .map(|()| invoked.emits.len())
+            .map_err(|error| (Reason::Transient, error)),
+            Verdict::Transient(error) => Err((Reason::Transient, error)),
+            Verdict::Trap(error) => Err((Reason::Trap, error)),
+            Verdict::Permanent(error) => Err((Reason::Permanent, error)),
+            Verdict::NeedsHuman(error) => Err((Reason::NeedsHuman, error)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -387,14 +454,6 @@ impl Dispatch {
 /// first 12 hex digits.
 pub fn version_of(prepared: &Prepared) -> String {
     prepared.digest.chars().take(12).collect()
-}
-
-fn header(message: &jetstream::Message, name: &str) -> Option<String> {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_string())
 }
 
 fn verdict_label(verdict: &Verdict) -> &'static str {

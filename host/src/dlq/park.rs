@@ -1,0 +1,376 @@
+//! Parking: with `on_dead_letter = "park"`, once an event of an entity is a
+//! dead letter, the entity's later events wait until it is replayed
+//! successfully or purged — and then run in order.
+//!
+//! A parked entity has one record in the `hook_attempts` bucket, key
+//! `park.<handler>.<provider>.<domain>.<entity>`: the dead letters holding
+//! it (by `HOOK_EVENTS` sequence) and the later events waiting, in stream
+//! order. The partition worker appends to `waiting` and acks, so the
+//! partition's other entities go on; every change is a compare-and-set on
+//! the record's revision, so workers, replays, purges and drainers on any
+//! host never lose an update. When no dead letter holds the entity any
+//! more, one host takes a lease on the record and runs the waiting events
+//! in order; the record is deleted when nothing waits.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv::{self, Operation};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::DlqError;
+use crate::extract::kv_key;
+
+/// The key prefix of parking records in `hook_attempts`.
+pub const PREFIX: &str = "park";
+
+/// A parked entity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkRecord {
+    /// The handler.
+    pub handler: String,
+    /// The dead letters (their `HOOK_EVENTS` sequences) holding the entity.
+    pub dead_letters: Vec<u64>,
+    /// Later events (`HOOK_EVENTS` sequences), in stream order.
+    pub waiting: Vec<u64>,
+    /// The host draining the waiting events, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
+    /// Until when (Unix milliseconds) its lease holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<u64>,
+}
+
+impl ParkRecord {
+    /// Whether the waiting events may run: no dead letter holds the entity.
+    pub fn releasable(&self) -> bool {
+        self.dead_letters.is_empty() && !self.waiting.is_empty()
+    }
+
+    /// Whether someone else holds a live lease at `now_ms`.
+    fn leased_to_other(&self, holder: &str, now_ms: u64) -> bool {
+        self.lease_holder.as_deref().is_some_and(|h| h != holder)
+            && self.lease_until.is_some_and(|until| until > now_ms)
+    }
+
+    /// Whether a drainer could take it now.
+    pub fn drainable(&self, now: SystemTime) -> bool {
+        self.releasable() && !self.leased_to_other("", millis(now))
+    }
+}
+
+/// The record key of the entity an event subject names, or `None` for a
+/// subject that is not an event's.
+pub fn key(handler: &str, event_subject: &str) -> Option<String> {
+    let tokens: Vec<&str> = event_subject.split('.').collect();
+    if tokens.len() < 6 || tokens[0] != crate::subject::EVENT_PREFIX {
+        return None;
+    }
+    Some(format!(
+        "{PREFIX}.{}.{}.{}.{}",
+        kv_key(handler),
+        kv_key(tokens[1]),
+        kv_key(tokens[2]),
+        kv_key(tokens[4])
+    ))
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What a change does to a record.
+enum Change<T> {
+    /// Write this record.
+    Put(ParkRecord, T),
+    /// Delete the record.
+    Delete(T),
+    /// Leave it.
+    Keep(T),
+}
+
+/// Reads the record at `key` (`None` when there is none) and its revision.
+pub async fn read(
+    bucket: &kv::Store,
+    key: &str,
+) -> Result<(Option<ParkRecord>, Option<u64>), DlqError> {
+    let entry = bucket
+        .entry(key)
+        .await
+        .map_err(|e| DlqError::nats(format!("park record {key}"), e))?;
+    Ok(match entry {
+        Some(entry) if entry.operation == Operation::Put => {
+            let record = serde_json::from_slice(&entry.value).map_err(|e| DlqError::Nats {
+                what: format!("park record {key}"),
+                message: format!("unreadable: {e}"),
+            })?;
+            (Some(record), Some(entry.revision))
+        }
+        Some(entry) => (None, Some(entry.revision)),
+        None => (None, None),
+    })
+}
+
+/// Applies `change` to the record with compare-and-set, re-reading and
+/// re-applying when another writer got there first.
+async fn modify<T>(
+    bucket: &kv::Store,
+    key: &str,
+    mut change: impl FnMut(Option<ParkRecord>) -> Change<T>,
+) -> Result<T, DlqError> {
+    for _ in 0..64 {
+        let (record, revision) = read(bucket, key).await?;
+        let existed = record.is_some();
+        let written = match change(record) {
+            Change::Keep(result) => return Ok(result),
+            Change::Delete(result) if !existed => return Ok(result),
+            Change::Put(record, result) => {
+                let value = serde_json::to_vec(&record).map_err(|e| DlqError::Nats {
+                    what: format!("park record {key}"),
+                    message: e.to_string(),
+                })?;
+                let value = Bytes::from(value);
+                let written = match revision {
+                    Some(revision) => bucket
+                        .update(key, value, revision)
+                        .await
+                        .map(drop)
+                        .map_err(describe),
+                    None => bucket.create(key, value).await.map(drop).map_err(describe),
+                };
+                written.map(|()| result)
+            }
+            Change::Delete(result) => bucket
+                .delete_expect_revision(key, revision)
+                .await
+                .map(|()| result)
+                .map_err(describe),
+        };
+        match written {
+            Ok(result) => return Ok(result),
+            // Another writer changed the record since it was read: again.
+            Err((detail, _)) if is_conflict(&detail) => continue,
+            Err((_, message)) => {
+                return Err(DlqError::Nats {
+                    what: format!("park record {key}"),
+                    message,
+                });
+            }
+        }
+    }
+    Err(DlqError::Nats {
+        what: format!("park record {key}"),
+        message: "too many concurrent changes".into(),
+    })
+}
+
+/// A write error's full chain (for [`is_conflict`]) and its message.
+fn describe<E: std::fmt::Debug + std::fmt::Display>(e: E) -> (String, String) {
+    (format!("{e:?}"), e.to_string())
+}
+
+/// Whether a KV write failed because the record changed since it was read.
+fn is_conflict(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("wrong last sequence")
+        || message.contains("key already exists")
+        || message.contains("already exists")
+        || message.contains("wrong last revision")
+}
+
+/// Parks the entity of `subject` behind its dead letter `stream_seq`.
+pub async fn hold(
+    bucket: &kv::Store,
+    handler: &str,
+    subject: &str,
+    stream_seq: u64,
+) -> Result<(), DlqError> {
+    let Some(key) = key(handler, subject) else {
+        return Ok(());
+    };
+    modify(bucket, &key, |record| {
+        let mut record = record.unwrap_or_else(|| ParkRecord {
+            handler: handler.to_string(),
+            ..ParkRecord::default()
+        });
+        if record.dead_letters.contains(&stream_seq) {
+            return Change::Keep(());
+        }
+        record.waiting.retain(|&s| s != stream_seq);
+        record.dead_letters.push(stream_seq);
+        Change::Put(record, ())
+    })
+    .await
+}
+
+/// If the entity of `subject` is parked, queues `stream_seq` behind it and
+/// says `true`; otherwise `false` (the event runs now).
+pub async fn enqueue_if_parked(
+    bucket: &kv::Store,
+    handler: &str,
+    subject: &str,
+    stream_seq: u64,
+) -> Result<bool, DlqError> {
+    let Some(key) = key(handler, subject) else {
+        return Ok(false);
+    };
+    modify(bucket, &key, |record| match record {
+        None => Change::Keep(false),
+        Some(record)
+            if record.waiting.contains(&stream_seq)
+                || record.dead_letters.contains(&stream_seq) =>
+        {
+            Change::Keep(true)
+        }
+        Some(mut record) => {
+            record.waiting.push(stream_seq);
+            Change::Put(record, true)
+        }
+    })
+    .await
+}
+
+/// The dead letter `stream_seq` no longer holds its entity (replayed or
+/// purged). Returns whether events now wait to be released; the record is
+/// deleted when nothing holds or waits.
+pub async fn release(
+    bucket: &kv::Store,
+    handler: &str,
+    subject: &str,
+    stream_seq: u64,
+) -> Result<bool, DlqError> {
+    let Some(key) = key(handler, subject) else {
+        return Ok(false);
+    };
+    modify(bucket, &key, |record| match record {
+        None => Change::Keep(false),
+        Some(mut record) => {
+            record.dead_letters.retain(|&s| s != stream_seq);
+            if record.dead_letters.is_empty() && record.waiting.is_empty() {
+                Change::Delete(false)
+            } else {
+                let releasable = record.releasable();
+                Change::Put(record, releasable)
+            }
+        }
+    })
+    .await
+}
+
+/// Takes the drain lease of `key` for `holder` for `lease`: the record as
+/// leased, or `None` when it is not drainable or leased to another.
+pub async fn take_lease(
+    bucket: &kv::Store,
+    key: &str,
+    holder: &str,
+    lease: Duration,
+) -> Result<Option<ParkRecord>, DlqError> {
+    let now = SystemTime::now();
+    modify(bucket, key, |record| match record {
+        Some(mut record) if record.releasable() && !record.leased_to_other(holder, millis(now)) => {
+            record.lease_holder = Some(holder.to_string());
+            record.lease_until = Some(millis(now + lease));
+            Change::Put(record.clone(), Some(record))
+        }
+        _ => Change::Keep(None),
+    })
+    .await
+}
+
+/// The waiting event `stream_seq` ran: it leaves the queue and the lease is
+/// renewed. Returns the record left (`None` once deleted: nothing waits).
+pub async fn finished(
+    bucket: &kv::Store,
+    key: &str,
+    holder: &str,
+    stream_seq: u64,
+    lease: Duration,
+) -> Result<Option<ParkRecord>, DlqError> {
+    let now = SystemTime::now();
+    modify(bucket, key, |record| match record {
+        None => Change::Keep(None),
+        Some(mut record) => {
+            record.waiting.retain(|&s| s != stream_seq);
+            if record.waiting.is_empty() && record.dead_letters.is_empty() {
+                return Change::Delete(None);
+            }
+            if record.lease_holder.as_deref() == Some(holder) {
+                record.lease_until = Some(millis(now + lease));
+            }
+            Change::Put(record.clone(), Some(record))
+        }
+    })
+    .await
+}
+
+/// The waiting event `stream_seq` became a dead letter itself: it holds
+/// the entity now, and the lease ends.
+pub async fn failed(
+    bucket: &kv::Store,
+    key: &str,
+    holder: &str,
+    stream_seq: u64,
+) -> Result<(), DlqError> {
+    modify(bucket, key, |record| match record {
+        None => Change::Keep(()),
+        Some(mut record) => {
+            record.waiting.retain(|&s| s != stream_seq);
+            if !record.dead_letters.contains(&stream_seq) {
+                record.dead_letters.push(stream_seq);
+            }
+            if record.lease_holder.as_deref() == Some(holder) {
+                record.lease_holder = None;
+                record.lease_until = None;
+            }
+            Change::Put(record, ())
+        }
+    })
+    .await
+}
+
+/// Gives the lease of `key` up (the drainer stops early).
+pub async fn give_up_lease(bucket: &kv::Store, key: &str, holder: &str) -> Result<(), DlqError> {
+    modify(bucket, key, |record| match record {
+        Some(mut record) if record.lease_holder.as_deref() == Some(holder) => {
+            record.lease_holder = None;
+            record.lease_until = None;
+            Change::Put(record, ())
+        }
+        _ => Change::Keep(()),
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_handler_provider_domain_and_entity() {
+        assert_eq!(
+            key("order-sync", "hook.crm.order.7.ORD~2F1.order.updated").as_deref(),
+            Some("park.order-sync.crm.order.ORD=7E2F1")
+        );
+        assert_eq!(key("h", "hook.crm.order.7"), None);
+        assert_eq!(key("h", "other.crm.order.7.E.t"), None);
+    }
+
+    #[test]
+    fn a_record_is_releasable_once_no_dead_letter_holds_it() {
+        let mut record = ParkRecord {
+            handler: "h".into(),
+            dead_letters: vec![3],
+            waiting: vec![5, 9],
+            ..ParkRecord::default()
+        };
+        assert!(!record.releasable());
+        record.dead_letters.clear();
+        assert!(record.releasable());
+        assert!(record.drainable(SystemTime::now()));
+        record.lease_holder = Some("other".into());
+        record.lease_until = Some(millis(SystemTime::now() + Duration::from_secs(60)));
+        assert!(!record.drainable(SystemTime::now()));
+        assert!(record.drainable(SystemTime::now() + Duration::from_secs(61)));
+    }
+}
