@@ -5,6 +5,7 @@
 
 mod support;
 
+mod deploy;
 mod handlers;
 mod ingest;
 mod ordering;
