@@ -54,7 +54,7 @@ pub enum DeployError {
     Malformed(String),
     /// The component does not implement `hookmesh:handler/handler`; every
     /// problem found is listed.
-    #[error("the component does not implement hookmesh:handler/handler: {}", .0.join("; "))]
+    #[error("the component does not implement hookmesh:handler/handler:{}", problem_list(.0))]
     NotAHandler(Vec<String>),
     /// The component traps or fails while it is instantiated.
     #[error("the component fails while starting (it would be refused by every host): {0}")]
@@ -122,6 +122,17 @@ pub enum DeployError {
     /// The audit record could not be written (the change itself was made).
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+}
+
+/// One problem inline; several as an indented list, one per line.
+fn problem_list(problems: &[String]) -> String {
+    match problems {
+        [one] => format!(" {one}"),
+        many => many
+            .iter()
+            .map(|p| format!("\n  - {p}"))
+            .collect::<String>(),
+    }
 }
 
 fn known_suffix(known: &[String]) -> String {

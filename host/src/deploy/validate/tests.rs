@@ -167,6 +167,13 @@ fn a_wrong_handle_and_foreign_imports_are_each_named() {
         problems.iter().all(|p| !p.contains("does not export")),
         "{problems:#?}"
     );
+    let message = DeployError::NotAHandler(problems).to_string();
+    assert!(
+        message.starts_with(
+            "the component does not implement hookmesh:handler/handler:\n  - `handle`'s event field `id` is u32, not option<string>\n  - "
+        ),
+        "{message}"
+    );
 }
 
 #[test]
