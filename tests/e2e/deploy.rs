@@ -714,3 +714,33 @@ async fn the_object_store_definition_matches_the_clients_own() {
     let kv = js.get_key_value("hook_handlers").await.expect("bucket");
     assert_eq!(kv.status().await.expect("status").history(), 64);
 }
+
+#[tokio::test]
+async fn concurrent_deploys_of_one_handler_each_get_their_own_version() {
+    let bed = Bed::new().await;
+    let store = bed.store().await;
+    let components: Vec<_> = ["fixture_noop", "fixture_permanent", "fixture_flaky"]
+        .iter()
+        .map(|c| deploy::validate(&std::fs::read(guest(c)).expect("read")).expect("valid"))
+        .collect();
+    let deploys = components.iter().map(|component| {
+        let store = store.clone();
+        async move {
+            store
+                .deploy(manifest("racy", "fixture_noop", "crm.>"), component, "test")
+                .await
+        }
+    });
+    let results = futures::future::join_all(deploys).await;
+    let mut counters: Vec<u64> = results
+        .into_iter()
+        .map(|r| match r.expect("each deploy succeeds") {
+            Deployed::Activated { deployment, .. } => deployment.counter,
+            Deployed::Unchanged(d) => panic!("{d:?} reported unchanged"),
+        })
+        .collect();
+    counters.sort();
+    assert_eq!(counters, [1, 2, 3]);
+    let history = store.history("racy").await.expect("history");
+    assert_eq!(history.len(), 3);
+}
