@@ -63,6 +63,14 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Validate a handler component, upload it and make it the active version.
+    Deploy(crate::deploy::cli::DeployArgs),
+    /// Deployed handlers: list, show, rollback, remove.
+    Handlers {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::deploy::cli::HandlersCommand,
+    },
     /// Sign a body with a provider's secret and POST it (a testing aid).
     Send {
         /// The provider, as named in the config.
@@ -182,6 +190,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: StreamsCommand::Apply,
         } => apply_streams(&config).await,
         Command::Dlq { command } => dlq_command(&config, command).await,
+        Command::Deploy(args) => crate::deploy::cli::deploy(&config, args).await,
+        Command::Handlers { command } => crate::deploy::cli::handlers(&config, command).await,
         Command::Send {
             provider,
             file,

@@ -26,6 +26,8 @@
 //! - [`runtime`]: running handler components in wasmtime, sandboxed.
 //! - [`local`]: the development NATS server that `hookmesh up` starts.
 //! - [`send`]: signing and POSTing a test webhook (`hookmesh send`).
+//! - [`deploy`]: handler versions in KV/object store `hook_handlers`:
+//!   validating components, deploy, rollback, remove, watching.
 //! - [`audit`]: the `HOOK_AUDIT` trail of deploys, rollbacks, replays, purges.
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
 
@@ -34,6 +36,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod dispatch;
 pub mod dlq;
 pub mod extract;

@@ -7,7 +7,10 @@
 //!
 //! Buckets are created as their backing `KV_<bucket>` streams rather than
 //! through the client's `create_key_value`, which fails against
-//! nats-server 2.9.x; the bucket is then opened with `get_key_value`.
+//! nats-server 2.9.x; the bucket is then opened with `get_key_value`. The
+//! object store of handler components is likewise its `OBJ_<bucket>` stream,
+//! defined exactly as `create_object_store` would create it, so `streams
+//! apply` compares and updates it like every other stream.
 
 use std::time::Duration;
 
@@ -25,6 +28,11 @@ pub const STATE_BUCKET: &str = "hook_state";
 pub const MAPPINGS_BUCKET: &str = "hook_mappings";
 /// The KV bucket of delivery attempt records.
 pub const ATTEMPTS_BUCKET: &str = "hook_attempts";
+/// The KV bucket of handler deployments (key = handler name, history =
+/// versions).
+pub const HANDLERS_BUCKET: &str = "hook_handlers";
+/// The object store of handler components (object name = sha256 hex).
+pub const HANDLERS_STORE: &str = "hook_handlers";
 
 const EVENTS_JSON: &str = include_str!("../../nats/streams/HOOK_EVENTS.json");
 /// Every definition file, in apply order.
@@ -45,6 +53,16 @@ const DEFINITIONS: &[(&str, &str)] = &[
     (
         "KV_hook_attempts.json",
         include_str!("../../nats/streams/KV_hook_attempts.json"),
+    ),
+    (
+        "KV_hook_handlers.json",
+        include_str!("../../nats/streams/KV_hook_handlers.json"),
+    ),
+    // The object store's backing stream, as `create_object_store` would
+    // make it (`$O.<bucket>.C.>` chunks, `$O.<bucket>.M.>` metadata).
+    (
+        "OBJ_hook_handlers.json",
+        include_str!("../../nats/streams/OBJ_hook_handlers.json"),
     ),
     // Captured from the first start, so no advisory is lost while no
     // dead-letter writer runs.

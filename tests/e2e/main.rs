@@ -5,6 +5,7 @@
 
 mod support;
 
+mod deploy;
 mod dlq;
 mod handlers;
 mod ingest;
