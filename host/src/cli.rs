@@ -14,7 +14,7 @@ use crate::dlq::commands::{self, Target};
 use crate::dlq::store::Selection;
 use crate::nats::{self, Patience};
 use crate::streams::{self, Mode};
-use crate::{audit, local, manifest, send, server};
+use crate::{audit, deploy, local, manifest, send, server};
 
 /// Signed webhooks into NATS JetStream, handled by sandboxed Wasm components.
 #[derive(Debug, Parser)]
@@ -32,10 +32,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Development: start nats-server if none answers, apply streams, run
-    /// the handlers of DIR, serve HTTP.
+    /// Development: start nats-server if none answers, apply streams,
+    /// deploy the handlers of DIR (again whenever one changes), serve HTTP.
     Up {
-        /// Load every DIR/<name>/handler.toml.
+        /// Deploy and watch every DIR/<name>/handler.toml.
         #[arg(long, value_name = "DIR", default_value = "handlers")]
         handlers: PathBuf,
         /// Where compiled components are cached.
@@ -221,19 +221,36 @@ async fn up(config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::
     }
     let url = config.nats.urls.first().context("nats.url is empty")?;
     let workdir = std::env::current_dir().context("working directory")?;
-    let handlers = dev_handlers(handlers_dir)?;
     let local_nats = local::ensure(url, &workdir).await?;
     let listener = bind(&config).await?;
     let address = listener.local_addr()?;
     info!(
         "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json"
     );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if handlers_dir.is_dir() {
+        // The handlers of DIR reach the host the way every deploy does:
+        // through the store it follows.
+        let client = nats::connect(&config.nats, "hookmesh-up", Patience::Background).await?;
+        tokio::spawn(deploy::dev::watch_dir(
+            async_nats::jetstream::new(client),
+            handlers_dir.to_path_buf(),
+            audit::actor(None, &config),
+            stopped,
+        ));
+    } else {
+        info!(dir = %handlers_dir.display(), "no handlers directory; serving ingest only");
+    }
     let options = server::Options {
         streams: Mode::Update,
-        handlers,
+        handlers: Vec::new(),
         cache_dir: Some(cache_dir),
     };
-    let result = server::run(config, listener, options, shutdown_signal()).await;
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    let result = server::run(config, listener, options, shutdown).await;
     if let Some(nats) = local_nats {
         nats.stop().await;
     }
@@ -262,28 +279,6 @@ async fn serve(
         cache_dir: Some(cache_dir),
     };
     Ok(server::run(config, listener, options, shutdown_signal()).await?)
-}
-
-/// The handlers `up` runs: every manifest of `dir` whose component is
-/// built; the others are skipped with a hint on how to build them.
-fn dev_handlers(dir: &Path) -> anyhow::Result<Vec<manifest::Manifest>> {
-    if !dir.is_dir() {
-        info!(dir = %dir.display(), "no handlers directory; serving ingest only");
-        return Ok(Vec::new());
-    }
-    let mut ready = Vec::new();
-    for manifest in manifest::load_dir(dir)? {
-        match &manifest.component {
-            Some(path) if path.is_file() => ready.push(manifest),
-            other => warn!(
-                handler = %manifest.name,
-                component = %other.as_deref().unwrap_or(Path::new("?")).display(),
-                "component not built; skipping it. Build the example handlers with: \
-                 cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml"
-            ),
-        }
-    }
-    Ok(ready)
 }
 
 async fn apply_streams(config: &Config) -> anyhow::Result<()> {

@@ -274,6 +274,25 @@ pub fn partition_filter(subject: &str, partition: u32) -> Result<String, String>
 /// Loads `DIR/handler.toml` and every `DIR/<name>/handler.toml` (one level:
 /// test fixtures kept deeper, like `handlers/fixtures/…`, are not loaded).
 pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ManifestError> {
+    let manifests = manifest_paths(dir)?
+        .iter()
+        .map(|p| Manifest::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for m in &manifests {
+        if !seen.insert(&m.name) {
+            return Err(ManifestError::Invalid {
+                origin: dir.display().to_string(),
+                message: format!("two manifests name the handler {:?}", m.name),
+            });
+        }
+    }
+    Ok(manifests)
+}
+
+/// The manifest files [`load_dir`] reads: `DIR/handler.toml` and every
+/// `DIR/<name>/handler.toml`, in name order.
+pub fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let read = |source| ManifestError::Read {
         path: dir.to_path_buf(),
         source,
@@ -293,20 +312,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>, ManifestError> {
             paths.push(candidate);
         }
     }
-    let manifests = paths
-        .iter()
-        .map(|p| Manifest::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut seen = std::collections::BTreeSet::new();
-    for m in &manifests {
-        if !seen.insert(&m.name) {
-            return Err(ManifestError::Invalid {
-                origin: dir.display().to_string(),
-                message: format!("two manifests name the handler {:?}", m.name),
-            });
-        }
-    }
-    Ok(manifests)
+    Ok(paths)
 }
 
 /// Humane durations (`90s`, `5m`) in TOML.

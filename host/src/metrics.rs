@@ -54,6 +54,15 @@ pub struct HandlerOnly {
     pub handler: String,
 }
 
+/// A handler version label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The handler.
+    pub handler: String,
+    /// The version this host runs new events on.
+    pub version: String,
+}
+
 /// The host's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -72,6 +81,7 @@ struct Inner {
     dead_letters: Family<DeadLetterLabel, Counter>,
     dlq_depth: Family<HandlerOnly, Gauge>,
     dlq_oldest_seconds: Family<HandlerOnly, Gauge>,
+    handler_version: Family<VersionLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -103,6 +113,12 @@ impl Default for Metrics {
             "dlq_oldest_age_seconds",
             "Age of the oldest entry in HOOK_DLQ, by handler (0 when empty)",
             dlq_oldest_seconds.clone(),
+        );
+        let handler_version = Family::<VersionLabel, Gauge>::default();
+        registry.register(
+            "handler_version",
+            "1 for the version of each handler this host runs new events on",
+            handler_version.clone(),
         );
         registry.register(
             "events_handled",
@@ -152,6 +168,7 @@ impl Default for Metrics {
                 dead_letters,
                 dlq_depth,
                 dlq_oldest_seconds,
+                handler_version,
             }),
         }
     }
@@ -226,6 +243,24 @@ impl Metrics {
             .dlq_oldest_seconds
             .get_or_create(&label)
             .set(i64::try_from(oldest.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// Marks `version` as the one `handler` runs (`None`: the handler was
+    /// removed from this host), forgetting `previous`.
+    pub fn handler_version(&self, handler: &str, version: Option<&str>, previous: Option<&str>) {
+        let label = |version: &str| VersionLabel {
+            handler: handler.to_string(),
+            version: version.to_string(),
+        };
+        if let Some(previous) = previous {
+            self.inner.handler_version.remove(&label(previous));
+        }
+        if let Some(version) = version {
+            self.inner
+                .handler_version
+                .get_or_create(&label(version))
+                .set(1);
+        }
     }
 
     /// The Prometheus text exposition.

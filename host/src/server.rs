@@ -13,15 +13,16 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::deploy::follow::Follower;
 use crate::dispatch::services::NatsServices;
-use crate::dispatch::{Dispatch, DispatchError, HandlerSlot, version_of};
+use crate::dispatch::{Dispatch, DispatchError, version_of};
 use crate::dlq;
 use crate::ingress::{self, Ingress};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::nats::{self, Patience};
 use crate::publish::Publisher;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Prepared, Runtime, RuntimeError};
 use crate::streams::{self, Mode, StreamsError};
 
 /// How long running handlers get to finish the event in hand at shutdown.
@@ -94,7 +95,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let runtime = Arc::new(Runtime::new(options.cache_dir.clone())?);
-    let mut slots = Vec::new();
+    let mut loaded = Vec::new();
     for manifest in options.handlers.clone() {
         let path = manifest.component.clone().unwrap_or_default();
         let bytes = tokio::fs::read(&path)
@@ -106,7 +107,7 @@ pub async fn run(
             })?;
         let prepared = runtime.prepare(manifest, &bytes).await?;
         info!(handler = %prepared.manifest.name, version = %version_of(&prepared), subject = %prepared.manifest.subject, "handler loaded");
-        slots.push(HandlerSlot::new(prepared));
+        loaded.push(prepared);
     }
 
     let client = nats::connect(&config.nats, "hookmesh", Patience::Background).await?;
@@ -135,7 +136,7 @@ pub async fn run(
         config: config.clone(),
         mode: options.streams,
         runtime,
-        slots,
+        loaded,
         metrics,
         stopped,
         workers: workers.clone(),
@@ -166,7 +167,7 @@ struct Background {
     config: Config,
     mode: Mode,
     runtime: Arc<Runtime>,
-    slots: Vec<Arc<HandlerSlot>>,
+    loaded: Vec<Arc<Prepared>>,
     metrics: Metrics,
     stopped: watch::Receiver<bool>,
     workers: Arc<Mutex<JoinSet<()>>>,
@@ -210,34 +211,35 @@ async fn start_background(bg: Background) -> ServeError {
             bg.stopped.clone(),
         ));
     }
-    if !bg.slots.is_empty() {
-        let services = match NatsServices::open(&js).await {
-            Ok(services) => services,
-            Err(message) => {
-                return ServeError::Dispatch(DispatchError::Nats {
-                    what: "handler services".into(),
-                    message,
-                });
-            }
-        };
-        let dispatch = match Dispatch::new(
-            js.clone(),
-            bg.runtime,
-            Arc::new(services),
-            bg.config.ingest.partitions,
-            bg.metrics,
-        )
-        .await
-        {
-            Ok(dispatch) => dispatch,
-            Err(e) => return ServeError::Dispatch(e),
-        };
-        let mut workers = bg.workers.lock().await;
-        for slot in bg.slots {
-            dispatch.spawn(slot, bg.stopped.clone(), &mut workers);
+    let services = match NatsServices::open(&js).await {
+        Ok(services) => services,
+        Err(message) => {
+            return ServeError::Dispatch(DispatchError::Nats {
+                what: "handler services".into(),
+                message,
+            });
         }
-        info!(partitions = bg.config.ingest.partitions, "dispatch started");
+    };
+    let dispatch = match Dispatch::new(
+        js.clone(),
+        bg.runtime,
+        Arc::new(services),
+        bg.config.ingest.partitions,
+        bg.metrics.clone(),
+    )
+    .await
+    {
+        Ok(dispatch) => dispatch,
+        Err(e) => return ServeError::Dispatch(e),
+    };
+    // Handlers loaded from files run at once; deployed ones (and new
+    // versions of either) arrive through the follower.
+    let mut follower = Follower::new(dispatch, js.clone(), bg.metrics);
+    for prepared in bg.loaded {
+        follower.start(prepared);
     }
+    bg.workers.lock().await.spawn(follower.run(bg.stopped));
+    info!(partitions = bg.config.ingest.partitions, "dispatch started");
     std::future::pending().await
 }
 

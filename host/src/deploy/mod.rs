@@ -12,6 +12,8 @@
 //! [`HandlerStore::fetch_component`].
 
 pub mod cli;
+pub mod dev;
+pub mod follow;
 mod validate;
 
 use std::collections::BTreeMap;

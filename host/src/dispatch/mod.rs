@@ -136,6 +136,11 @@ impl Dispatch {
         }))
     }
 
+    /// The partition count: one consumer per handler and partition.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// The runtime handlers run in.
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
@@ -450,10 +455,10 @@ impl Dispatch {
     }
 }
 
-/// The version label stamped on logs and attempt records: the digest's
-/// first 12 hex digits.
+/// The version label stamped on logs, attempt records and dead letters
+/// (see [`Prepared::version`]).
 pub fn version_of(prepared: &Prepared) -> String {
-    prepared.digest.chars().take(12).collect()
+    prepared.version.clone()
 }
 
 fn verdict_label(verdict: &Verdict) -> &'static str {

@@ -152,6 +152,10 @@ pub struct Invoked {
 pub struct Prepared {
     /// The component's sha256 (hex).
     pub digest: String,
+    /// The version label stamped on logs, attempt records and dead
+    /// letters: the deployment's `<counter>-<digest prefix>`, or the first
+    /// 12 hex digits of the digest for a component loaded from a file.
+    pub version: String,
     /// Its manifest.
     pub manifest: Arc<Manifest>,
     pre: HandlerPre<Invocation>,
@@ -271,6 +275,17 @@ impl Runtime {
         manifest: Manifest,
         bytes: &[u8],
     ) -> Result<Arc<Prepared>, RuntimeError> {
+        self.prepare_as(manifest, bytes, None).await
+    }
+
+    /// [`Runtime::prepare`], labelling the version `version` (a
+    /// deployment's label) instead of the digest prefix.
+    pub async fn prepare_as(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        version: Option<String>,
+    ) -> Result<Arc<Prepared>, RuntimeError> {
         let handler = manifest.name.clone();
         if manifest.memory > MAX_MEMORY {
             return Err(RuntimeError::TooMuchMemory {
@@ -294,6 +309,7 @@ impl Runtime {
             .map_err(|e| invalid(format!("{e:#}")))?;
         let pre = HandlerPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
         let prepared = Prepared {
+            version: version.unwrap_or_else(|| digest.chars().take(12).collect()),
             digest,
             manifest: Arc::new(manifest),
             pre,
