@@ -16,15 +16,15 @@ use crate::support::*;
 
 /// A test bed: a server with the streams applied, a config file naming it,
 /// and a scratch directory.
-struct Bed {
-    nats: NatsServer,
-    js: jetstream::Context,
-    dir: tempfile::TempDir,
-    config: PathBuf,
+pub(crate) struct Bed {
+    pub(crate) nats: NatsServer,
+    pub(crate) js: jetstream::Context,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) config: PathBuf,
 }
 
 impl Bed {
-    async fn new() -> Bed {
+    pub(crate) async fn new() -> Bed {
         let nats = NatsServer::start().expect("nats");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("hookmesh.toml");
@@ -41,7 +41,7 @@ impl Bed {
     }
 
     /// Runs `hookmesh --config <bed config> <args>`.
-    fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         Command::new(hookmesh_bin())
             .arg("--config")
             .arg(&self.config)
@@ -54,7 +54,7 @@ impl Bed {
     }
 
     /// Runs the CLI and expects success; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
             out.status.success(),
@@ -66,7 +66,7 @@ impl Bed {
     }
 
     /// Runs the CLI and expects failure; its stderr.
-    fn fails(&self, args: &[&str]) -> String {
+    pub(crate) fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
             !out.status.success(),
@@ -76,18 +76,18 @@ impl Bed {
         stderr(&out)
     }
 
-    fn file(&self, name: &str, bytes: &[u8]) -> String {
+    pub(crate) fn file(&self, name: &str, bytes: &[u8]) -> String {
         let path = self.dir.path().join(name);
         std::fs::write(&path, bytes).expect("write");
         path.display().to_string()
     }
 
-    async fn store(&self) -> HandlerStore {
+    pub(crate) async fn store(&self) -> HandlerStore {
         HandlerStore::open(&self.js).await.expect("store opens")
     }
 
     /// Every record on `HOOK_AUDIT`, with its subject, in order.
-    async fn audit(&self) -> Vec<(String, AuditRecord)> {
+    pub(crate) async fn audit(&self) -> Vec<(String, AuditRecord)> {
         let stream = self.js.get_stream("HOOK_AUDIT").await.expect("HOOK_AUDIT");
         let state = stream.get_info().await.expect("info").state;
         let mut out = Vec::new();
@@ -104,7 +104,7 @@ impl Bed {
     }
 
     /// Messages in a stream.
-    async fn messages(&self, stream: &str) -> u64 {
+    pub(crate) async fn messages(&self, stream: &str) -> u64 {
         self.js
             .get_stream(stream)
             .await
@@ -117,7 +117,7 @@ impl Bed {
     }
 
     /// The KV revision of a handler's key (deletes included).
-    async fn revision(&self, name: &str) -> Option<u64> {
+    pub(crate) async fn revision(&self, name: &str) -> Option<u64> {
         let kv = self
             .js
             .get_key_value("hook_handlers")

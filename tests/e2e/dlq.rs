@@ -359,54 +359,27 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
     .expect("config");
     let cache = guest_cache_dir();
     let cache = cache.to_str().expect("utf-8 path");
-    let spawn = |log: &str| {
-        std::process::Command::new(hookmesh_bin())
-            .args(["serve", "--config", "hookmesh.toml", "--handlers", "."])
-            .args(["--cache-dir", cache])
-            .current_dir(dir.path())
-            .env("HOOKMESH_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(log)).expect("log"))
-            .spawn()
-            .expect("spawn hookmesh")
-    };
-    let mut first = spawn("first.log");
-    let log = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
-    wait_for(Duration::from_secs(60), "dispatch started", || async {
-        log("first.log").contains("dispatch started")
-    })
-    .await;
-    let listening = log("first.log");
-    let address = listening
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("listening address")
-        .to_string();
-    let config = hookmesh::config::Config::from_toml(
-        &config_toml(&nats.url(), &Options::default()),
-        hookmesh::config::Origin::Builtin,
-        &hookmesh::config::Env::default(),
-    )
-    .expect("config");
-    let signed = hookmesh::send::prepare(
-        &config.providers["crm"],
+    let args = [
+        "serve",
+        "--config",
+        "hookmesh.toml",
+        "--handlers",
+        ".",
+        "--cache-dir",
+        cache,
+    ];
+    let mut first = LoggedProcess::start(dir.path(), &args, "first").await;
+    let answer = send_crm(
+        &first.address,
         crm_order("order.created", "ORD-S", 1),
-        None,
-        Some("stuck-1"),
-        std::time::SystemTime::now(),
+        "stuck-1",
     )
-    .expect("signed");
-    let answer = hookmesh::send::post(&format!("http://{address}/webhooks/crm"), signed)
-        .await
-        .expect("post");
-    assert_eq!(answer.status, 202);
+    .await;
 
     // The host is inside the one delivery when it dies: no attempt is ever
     // settled, and no host is left to hear the advisory.
     wait_for(Duration::from_secs(20), "the delivery in hand", || async {
-        log("first.log").contains("ORD-S") || {
+        {
             let stream = events(&js).await;
             let mut names = stream.consumer_names();
             let mut busy = false;
@@ -419,8 +392,7 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
         }
     })
     .await;
-    first.kill().expect("SIGKILL");
-    first.wait().expect("reaped");
+    first.kill();
 
     // The ack wait runs out with no host at all. nats-server 2.9 sends the
     // MAX_DELIVERIES advisory only while some pull request waits, so wait
@@ -457,10 +429,9 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
     .await;
     assert!(dead_letters(&js).await.is_empty(), "nobody wrote it yet");
 
-    let mut second = spawn("second.log");
+    let second = LoggedProcess::start(dir.path(), &args, "second").await;
     let entries = wait_dead_letters(&js, 1).await;
-    let _ = second.kill();
-    let _ = second.wait();
+    drop(second);
     let entry = &entries[0];
     assert_eq!(entry.handler, "stuck");
     assert_eq!(entry.reason, "max-deliveries");
@@ -470,7 +441,7 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
         "{}",
         entry.error
     );
-    assert_eq!(entry.stream_seq, answer.json_seq());
+    assert_eq!(Some(entry.stream_seq), answer["stream_seq"].as_u64());
 }
 
 #[tokio::test]
@@ -775,18 +746,4 @@ async fn by_default_the_entity_goes_on_and_old_entries_are_purged_by_handler() {
     );
     assert!(dead_letters(&js).await.is_empty());
     drop(host);
-}
-
-/// The stream sequence of an accepted webhook.
-trait StreamSeq {
-    fn json_seq(&self) -> u64;
-}
-
-impl StreamSeq for hookmesh::send::Answer {
-    fn json_seq(&self) -> u64 {
-        serde_json::from_str::<Value>(&self.body)
-            .ok()
-            .and_then(|v| v["stream_seq"].as_u64())
-            .expect("stream_seq in the answer")
-    }
 }

@@ -9,6 +9,7 @@ mod deploy;
 mod dlq;
 mod handlers;
 mod ingest;
+mod live_deploy;
 mod ordering;
 mod outage;
 mod processes;

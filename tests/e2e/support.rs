@@ -434,3 +434,101 @@ pub fn manifest(name: &str, crate_name: &str, subject: &str) -> hookmesh::manife
     manifest.component = Some(guest(crate_name));
     manifest
 }
+
+/// A `hookmesh serve` or `up` process whose log goes to a file (so a
+/// chatty host never blocks on a full pipe); killed on drop.
+pub struct LoggedProcess {
+    child: Child,
+    log: PathBuf,
+    /// `host:port` of its HTTP listener.
+    pub address: String,
+}
+
+impl LoggedProcess {
+    /// Runs `hookmesh <args>` in `dir` with its log in `dir/<name>.log`,
+    /// and waits until it listens and its dispatch runs.
+    pub async fn start(dir: &std::path::Path, args: &[&str], name: &str) -> LoggedProcess {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(hookmesh_bin())
+            .args(args)
+            .current_dir(dir)
+            .env("HOOKMESH_LOG", "info")
+            .env_remove("HOOKMESH_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn hookmesh");
+        let mut process = LoggedProcess {
+            child,
+            log,
+            address: String::new(),
+        };
+        wait_for(Duration::from_secs(90), "dispatch started", || async {
+            process.log().contains("dispatch started")
+        })
+        .await;
+        process.address = process
+            .log()
+            .split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("a listening address in the log")
+            .to_string();
+        process
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its `/metrics` text (empty when it does not answer).
+    pub async fn metrics(&self) -> String {
+        match reqwest::get(format!("http://{}/metrics", self.address)).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Kills it at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LoggedProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Signs a CRM webhook with the test secret and POSTs it to a host at
+/// `address`; the answer's JSON.
+pub async fn send_crm(address: &str, body: Vec<u8>, id: &str) -> Value {
+    let config = Config::from_toml(
+        &config_toml("nats://127.0.0.1:4222", &Options::default()),
+        Origin::Builtin,
+        &Env::default(),
+    )
+    .expect("test config");
+    let signed = hookmesh::send::prepare(
+        &config.providers["crm"],
+        body,
+        None,
+        Some(id),
+        SystemTime::now(),
+    )
+    .expect("signed");
+    let answer = hookmesh::send::post(&format!("http://{address}/webhooks/crm"), signed)
+        .await
+        .expect("post");
+    assert!(
+        answer.status == 202 || answer.status == 200,
+        "{} {}",
+        answer.status,
+        answer.body
+    );
+    serde_json::from_str(&answer.body).expect("json answer")
+}

@@ -144,9 +144,16 @@ impl Follower {
         {
             return;
         }
+        let running = self.running.get(&name).map(|r| r.slot.clone());
+        if let Some(slot) = &running {
+            slot.begin_switch();
+        }
         let prepared = match self.prepare(store, &deployment).await {
             Ok(prepared) => prepared,
             Err(error) => {
+                if let Some(slot) = &running {
+                    slot.cancel_switch();
+                }
                 error!(%error, "version not activated on this host; the previous one keeps running");
                 let mut record = AuditRecord::new(
                     Action::ActivationFailed,

@@ -54,9 +54,16 @@ pub enum DispatchError {
 
 /// One handler's current version; replaced as a whole on deploy, so an
 /// event runs start to finish on the version it started with.
+///
+/// While a host prepares a new version it has just learned of, the slot is
+/// *switching*: no new event of the handler starts (events in flight go
+/// on), so once any host knows of a version, events do not start on the
+/// old one there — which keeps the hosts of a cluster from running one
+/// entity's events on versions that go back and forth.
 #[derive(Debug)]
 pub struct HandlerSlot {
     current: RwLock<Arc<Prepared>>,
+    switching: watch::Sender<bool>,
 }
 
 impl HandlerSlot {
@@ -64,6 +71,7 @@ impl HandlerSlot {
     pub fn new(prepared: Arc<Prepared>) -> Arc<Self> {
         Arc::new(HandlerSlot {
             current: RwLock::new(prepared),
+            switching: watch::Sender::new(false),
         })
     }
 
@@ -75,12 +83,39 @@ impl HandlerSlot {
             .clone()
     }
 
-    /// Makes `prepared` the version for every later event.
+    /// The version a new event runs on: waits while a switch is under way
+    /// (at most `patience`, then the current version).
+    pub async fn ready(&self, patience: Duration) -> Arc<Prepared> {
+        let mut switching = self.switching.subscribe();
+        if *switching.borrow_and_update() {
+            let waited = tokio::time::timeout(patience, switching.wait_for(|s| !*s)).await;
+            if waited.is_err() {
+                warn!(handler = %self.current().manifest.name, "the new version is not ready yet; going on with the current one");
+            }
+        }
+        self.current()
+    }
+
+    /// Holds new events back until [`HandlerSlot::swap`] or
+    /// [`HandlerSlot::cancel_switch`].
+    pub fn begin_switch(&self) {
+        self.switching.send_replace(true);
+    }
+
+    /// Lets new events start on the current version again.
+    pub fn cancel_switch(&self) {
+        self.switching.send_replace(false);
+    }
+
+    /// Makes `prepared` the version for every later event (and ends a
+    /// switch).
     pub fn swap(&self, prepared: Arc<Prepared>) -> Arc<Prepared> {
-        std::mem::replace(
+        let previous = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
             prepared,
-        )
+        );
+        self.switching.send_replace(false);
+        previous
     }
 }
 
@@ -280,7 +315,9 @@ impl Dispatch {
 
     /// Handles one delivery and settles it (ack, nak or term).
     async fn handle(&self, slot: &HandlerSlot, message: jetstream::Message) {
-        let prepared = slot.current();
+        // Waiting for a version being switched to must leave time to finish
+        // well within ack_wait, or the server would hand the event out again.
+        let prepared = slot.ready(slot.current().manifest.ack_wait / 3).await;
         let manifest = prepared.manifest.clone();
         let version = version_of(&prepared);
         let Ok(info) = message
