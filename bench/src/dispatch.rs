@@ -261,7 +261,7 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
 }
 
 /// The workspace root (the bench lives one level below it).
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -273,7 +273,7 @@ fn guest_path() -> PathBuf {
 }
 
 /// Where compiled components are cached across runs.
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     workspace().join("target/hookmesh-bench-cache")
 }
 

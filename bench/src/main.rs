@@ -8,6 +8,7 @@
 //! for scripts — or, when anything failed, a loud error and a non-zero exit
 //! instead of figures that would look valid.
 
+mod deploy;
 mod dispatch;
 mod host;
 mod ingest;
@@ -37,6 +38,9 @@ enum Scenario {
     /// Stored events run through a no-op Wasm handler by the host vs. a raw
     /// JetStream pull consumer fetching and acking.
     Dispatch(dispatch::Args),
+    /// Time from `deploy` returning until every running host runs the new
+    /// version, vs. a bare KV watch notification.
+    Deploy(deploy::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         match cli.scenario {
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Dispatch(args) => dispatch::run(args).await,
+            Scenario::Deploy(args) => deploy::run(args).await,
         }
     });
     match outcome {

@@ -137,6 +137,10 @@ pub fn definitions(ingest: &IngestConfig) -> Result<Vec<stream::Config>, Streams
                 config.max_age = ingest.max_age;
                 config.duplicate_window = ingest.duplicate_window;
                 config.description = Some(events_description(ingest.partitions));
+            } else if config.name == format!("KV_{ATTEMPTS_BUCKET}") {
+                // Attempt and parking records live as long as the events
+                // they are about.
+                config.max_age = ingest.max_age;
             } else if config.name == format!("KV_{IDEMPOTENCY_BUCKET}") {
                 config.max_age = ingest.idempotency_ttl;
                 config.duplicate_window = ingest.idempotency_ttl.min(Duration::from_secs(120));
@@ -280,6 +284,11 @@ mod tests {
         assert_eq!(kv.max_age, Duration::from_secs(3 * 86_400));
         assert_eq!(kv.max_messages_per_subject, 1);
         assert!(kv.allow_direct && kv.allow_rollup && kv.deny_delete);
+        let attempts = defs
+            .iter()
+            .find(|d| d.name == format!("KV_{ATTEMPTS_BUCKET}"))
+            .expect("attempts bucket");
+        assert_eq!(attempts.max_age, events.max_age, "records outlive no event");
     }
 
     #[test]

@@ -80,6 +80,41 @@ async fn audit_records(js: &jetstream::Context) -> Vec<Value> {
         .collect()
 }
 
+/// Resets the dead-letter writer's consumer, so it reads every captured
+/// advisory again, and waits until it has.
+async fn reprocess_advisories(js: &jetstream::Context) {
+    let advisories = js.get_stream("HOOK_ADVISORIES").await.expect("advisories");
+    let captured = advisories
+        .clone()
+        .info()
+        .await
+        .expect("info")
+        .state
+        .last_sequence;
+    advisories
+        .delete_consumer("dlq_writer")
+        .await
+        .expect("reset the writer");
+    wait_for(
+        Duration::from_secs(20),
+        "the writer re-read every advisory",
+        || async {
+            let Ok(mut writer) = advisories
+                .get_consumer::<consumer::pull::Config>("dlq_writer")
+                .await
+            else {
+                return false;
+            };
+            writer.info().await.is_ok_and(|i| {
+                i.delivered.stream_sequence >= captured
+                    && i.num_ack_pending == 0
+                    && i.num_pending == 0
+            })
+        },
+    )
+    .await;
+}
+
 /// The `hookmesh` binary with a config file pointing at the test server.
 struct Cli {
     dir: tempfile::TempDir,
@@ -234,27 +269,7 @@ async fn every_give_up_becomes_one_complete_dead_letter() {
 
     // An advisory processed again (the writer's consumer reset) makes no
     // second entry.
-    let advisories = js.get_stream("HOOK_ADVISORIES").await.expect("advisories");
-    advisories
-        .delete_consumer("dlq_writer")
-        .await
-        .expect("reset the writer");
-    wait_for(
-        Duration::from_secs(20),
-        "the writer re-read every advisory",
-        || async {
-            let Ok(mut writer) = advisories
-                .get_consumer::<consumer::pull::Config>("dlq_writer")
-                .await
-            else {
-                return false;
-            };
-            writer.info().await.is_ok_and(|i| {
-                i.delivered.stream_sequence >= 4 && i.num_ack_pending == 0 && i.num_pending == 0
-            })
-        },
-    )
-    .await;
+    reprocess_advisories(&js).await;
     assert_eq!(dead_letters(&js).await.len(), 4, "no second entry");
 
     // Not handled again by that handler: the recorder never saw T-1.
@@ -556,6 +571,18 @@ async fn replay_after_fixing_the_payload_or_the_handler_and_every_replay_is_audi
     );
     assert_eq!(seen(&js, "strict", "ORD-1").await, vec!["o-1"]);
     assert!(dead_letters(&js).await.is_empty());
+    // Their advisories read again long after the duplicate window (here
+    // shrunk to a second) bring nothing back.
+    let mut dlq = js.get_stream("HOOK_DLQ").await.expect("HOOK_DLQ");
+    let mut config = dlq.info().await.expect("info").config.clone();
+    config.duplicate_window = Duration::from_secs(1);
+    js.update_stream(config).await.expect("shorter window");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    reprocess_advisories(&js).await;
+    assert!(
+        dead_letters(&js).await.is_empty(),
+        "resolved stays resolved"
+    );
 
     // Every replay is in the audit trail: who, what, payload changed, outcome.
     let audit = audit_records(&js).await;

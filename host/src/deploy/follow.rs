@@ -110,6 +110,10 @@ impl Follower {
                     _ = shutdown.changed() => break,
                     next = changes.next() => match next {
                         Some(Ok(change)) => self.apply(&store, change).await,
+                        // One unreadable entry must not stop the others.
+                        Some(Err(error @ super::DeployError::Corrupt { .. })) => {
+                            warn!(%error, "deployment entry skipped");
+                        }
                         Some(Err(error)) => {
                             warn!(%error, "deployment watch interrupted");
                             break;

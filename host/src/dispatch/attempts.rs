@@ -45,6 +45,10 @@ pub struct AttemptRecord {
     pub first_failure: String,
     /// The last failure (RFC 3339).
     pub last_failure: String,
+    /// How its dead letter was resolved (`replayed`, `purged`), once it
+    /// was: a give-up advisory processed again later makes no new entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
 }
 
 /// The bucket key of a record.
@@ -93,6 +97,7 @@ pub async fn record(bucket: &kv::Store, failure: Failure<'_>) -> Result<AttemptR
         reason: failure.reason,
         first_failure: previous.map_or_else(|| now.clone(), |p| p.first_failure),
         last_failure: now,
+        resolved: None,
     };
     let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
     bucket
@@ -115,10 +120,39 @@ pub async fn read(
         .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
 }
 
-/// Forgets an event's record (its dead letter was replayed successfully).
-pub async fn clear(bucket: &kv::Store, handler: &str, stream_seq: u64) -> Result<(), String> {
+/// Marks an event's dead letter resolved (`how`: `replayed`, `purged`),
+/// keeping what is known of its failures.
+pub async fn resolve(
+    bucket: &kv::Store,
+    handler: &str,
+    stream_seq: u64,
+    subject: &str,
+    how: &str,
+) -> Result<(), String> {
+    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let record = match read(bucket, handler, stream_seq).await? {
+        Some(record) => AttemptRecord {
+            resolved: Some(how.to_string()),
+            ..record
+        },
+        None => AttemptRecord {
+            handler: handler.to_string(),
+            handler_version: String::new(),
+            stream_seq,
+            subject: subject.to_string(),
+            attempts: 0,
+            last_delivery: 0,
+            last_error: String::new(),
+            reason: Reason::Transient,
+            first_failure: now.clone(),
+            last_failure: now,
+            resolved: Some(how.to_string()),
+        },
+    };
+    let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
     bucket
-        .delete(key(handler, stream_seq))
+        .put(key(handler, stream_seq), Bytes::from(value))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }

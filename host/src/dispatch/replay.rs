@@ -142,7 +142,9 @@ impl Dispatch {
                     if let Err(error) = store::delete(&self.js, dead.dlq_seq).await {
                         warn!(%error, "replayed, but the entry could not be deleted");
                     }
-                    let _ = attempts::clear(&self.attempts, &manifest.name, dead.stream_seq).await;
+                    if let Err(error) = attempts::resolve(&self.attempts, &manifest.name, dead.stream_seq, &dead.subject, "replayed").await {
+                        warn!(%error, "not marked replayed: a re-processed advisory could make the entry again");
+                    }
                     if manifest.on_dead_letter == OnDeadLetter::Park {
                         match park::release(&self.attempts, &manifest.name, &dead.subject, dead.stream_seq).await {
                             Ok(released) => answer.released = released,

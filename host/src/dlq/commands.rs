@@ -242,7 +242,15 @@ pub async fn purge(
     let mut by_handler: std::collections::BTreeMap<&str, Vec<DeadLetterRef>> = Default::default();
     for entry in &entries {
         store::delete(js, entry.dlq_seq).await?;
-        let _ = attempts::clear(&bucket, &entry.handler, entry.stream_seq).await;
+        attempts::resolve(
+            &bucket,
+            &entry.handler,
+            entry.stream_seq,
+            &entry.subject,
+            "purged",
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("marking {} purged: {e}", entry.dlq_seq))?;
         park::release(&bucket, &entry.handler, &entry.subject, entry.stream_seq)
             .await
             .with_context(|| format!("releasing the entity of {}", entry.dlq_seq))?;

@@ -233,6 +233,13 @@ async fn write(
     let record = attempts::read(attempts, handler, advisory.stream_seq)
         .await
         .map_err(|e| DlqError::nats(ATTEMPTS_BUCKET, e))?;
+    if let Some(how) = record.as_ref().and_then(|r| r.resolved.as_deref()) {
+        debug!(
+            how,
+            "its dead letter was resolved already; nothing to store"
+        );
+        return Ok(None);
+    }
     let events = js
         .get_stream_no_info(EVENTS_STREAM)
         .await
@@ -259,6 +266,10 @@ async fn write(
         }
         Err(e) => return Err(DlqError::nats(format!("{EVENTS_STREAM} get"), e)),
     };
+    if let Some(seq) = stored_before(js, handler, &original).await? {
+        debug!(dlq_seq = seq, "dead letter stored before");
+        return Ok(None);
+    }
     let failure = failure(handler, reason, record, advisory.deliveries);
     let msg_id = format!("{handler}:{}", advisory.stream_seq);
     let stored = entry::publish(js, &original, &failure, &msg_id).await?;
@@ -268,6 +279,34 @@ async fn write(
         info!(dlq_seq = stored.seq, %reason, error = %failure.error, attempts = failure.attempts, "dead letter stored");
     }
     Ok(Some((stored, reason)))
+}
+
+/// The `HOOK_DLQ` sequence of the entry of `original`, when it is the last
+/// one on its subject: an advisory processed again after the duplicate
+/// window (its consumer reset, say) must not make a second entry.
+async fn stored_before(
+    js: &jetstream::Context,
+    handler: &str,
+    original: &Original,
+) -> Result<Option<u64>, DlqError> {
+    let dlq = js
+        .get_stream_no_info(super::DLQ_STREAM)
+        .await
+        .map_err(|e| DlqError::nats(super::DLQ_STREAM, e))?;
+    match dlq
+        .get_last_raw_message_by_subject(&entry::subject(handler, &original.subject))
+        .await
+    {
+        Ok(last) => {
+            let same = last
+                .headers
+                .get(entry::STREAM_SEQ)
+                .is_some_and(|v| v.as_str() == original.stream_seq.to_string());
+            Ok(same.then_some(last.sequence))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(DlqError::nats(format!("{} read", super::DLQ_STREAM), e)),
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +326,7 @@ mod tests {
             reason,
             first_failure: "t".into(),
             last_failure: "t".into(),
+            resolved: None,
         };
         assert_eq!(
             reason(true, Some(&record(Reason::NeedsHuman))),
