@@ -533,8 +533,8 @@ async fn replay_after_fixing_the_payload_or_the_handler_and_every_replay_is_audi
     assert_eq!(messages(&js, "hook.rec.").await.len(), 1, "the emit");
     assert!(dead_letters(&js).await.iter().all(|e| e.handler != "rec"));
 
-    // Fix the handler instead: the host comes back with a new version of
-    // `strict` (the recorder), and the replay runs on it.
+    // Fix the handler instead: deploy a fixed `strict` (the recorder) and
+    // replay on it — but not before a host runs it.
     host.shutdown().await.expect("clean stop");
     let nobody = cli.run(&["dlq", "replay", "--handler", "strict"]).await;
     assert!(!nobody.ok);
@@ -546,9 +546,31 @@ async fn replay_after_fixing_the_payload_or_the_handler_and_every_replay_is_audi
         nobody.stdout
     );
     assert_eq!(dead_letters(&js).await.len(), 1, "kept");
-    let mut fixed_strict = manifest("strict", "fixture_recorder", "crm.order.>");
-    fixed_strict.max_deliver = 2;
-    let host = host_with(&nats, vec![fixed_strict]).await;
+    let host = host_with(&nats, Vec::new()).await;
+    std::fs::write(
+        cli.path("strict.toml"),
+        "name = \"strict\"\nsubject = \"crm.order.>\"\nmax_deliver = 2\n",
+    )
+    .expect("manifest");
+    let recorder = guest("fixture_recorder").display().to_string();
+    let deployed = cli
+        .run(&["deploy", &recorder, "--manifest", "strict.toml"])
+        .await;
+    assert!(deployed.ok, "{}\n{}", deployed.stdout, deployed.stderr);
+    let version = format!(
+        "1-{}",
+        &hookmesh::deploy::sha256_hex(&std::fs::read(&recorder).expect("component"))[..12]
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the fixed version running",
+        || async {
+            host.get("/metrics").await.1.contains(&format!(
+                "hookmesh_handler_version{{handler=\"strict\",version=\"{version}\"}} 1"
+            ))
+        },
+    )
+    .await;
     let by_handler = cli
         .run(&[
             "dlq",
@@ -565,10 +587,13 @@ async fn replay_after_fixing_the_payload_or_the_handler_and_every_replay_is_audi
         by_handler.stdout, by_handler.stderr
     );
     assert!(
-        !by_handler.stdout.contains(&order_entry.handler_version),
-        "ran on the new version: {}",
+        by_handler
+            .stdout
+            .contains(&format!("on strict version {version}: ok")),
+        "ran on the deployed version: {}",
         by_handler.stdout
     );
+    assert_ne!(order_entry.handler_version, version);
     assert_eq!(seen(&js, "strict", "ORD-1").await, vec!["o-1"]);
     assert!(dead_letters(&js).await.is_empty());
     // Their advisories read again long after the duplicate window (here
