@@ -181,9 +181,10 @@ impl Dispatch {
         &self.runtime
     }
 
-    /// Starts one worker per partition for `slot`, its replay service and,
-    /// for a parking handler, its park drainer — until `shutdown` turns
-    /// true; each finishes the event in hand before it stops.
+    /// Starts one worker per partition for `slot`, its replay service and
+    /// its park drainer (idle unless the handler parks; a deploy may turn
+    /// parking on) — until `shutdown` turns true; each finishes the event
+    /// in hand before it stops.
     pub fn spawn(
         self: &Arc<Self>,
         slot: Arc<HandlerSlot>,
@@ -191,9 +192,7 @@ impl Dispatch {
         workers: &mut JoinSet<()>,
     ) {
         workers.spawn(self.clone().serve_replays(slot.clone(), shutdown.clone()));
-        if slot.current().manifest.on_dead_letter == OnDeadLetter::Park {
-            workers.spawn(self.clone().drain_parked(slot.clone(), shutdown.clone()));
-        }
+        workers.spawn(self.clone().drain_parked(slot.clone(), shutdown.clone()));
         for partition in 0..self.partitions {
             let dispatch = self.clone();
             let slot = slot.clone();
