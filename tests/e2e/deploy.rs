@@ -252,6 +252,8 @@ async fn deploy_stores_the_component_and_the_manifest_and_audits_it() {
         "3",
         "--set",
         "erp_prefix=SO-",
+        "--on-dead-letter",
+        "park",
     ]);
     let label2 = format!("2-{}", &digest[..12]);
     assert!(
@@ -272,6 +274,10 @@ async fn deploy_stores_the_component_and_the_manifest_and_audits_it() {
         .expect("deployed");
     assert_eq!((current.counter, current.manifest.max_deliver), (2, 3));
     assert_eq!(current.manifest.timeout, Duration::from_secs(2));
+    assert_eq!(
+        current.manifest.on_dead_letter,
+        hookmesh::manifest::OnDeadLetter::Park
+    );
     let last = bed.audit().await.pop().expect("a record").1;
     assert_eq!(last.version.as_deref(), Some(label2.as_str()));
     assert_eq!(last.previous_version.as_deref(), Some(label.as_str()));

@@ -48,6 +48,10 @@ pub struct DeployArgs {
     /// Grant the real clocks.
     #[arg(long)]
     pub clock: bool,
+    /// What an entity's later events do once one of its events is a dead
+    /// letter: `continue` or `park` (wait until it is replayed or purged).
+    #[arg(long, value_name = "continue|park")]
+    pub on_dead_letter: Option<String>,
     /// A handler setting (its `[config]` table), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub settings: Vec<String>,
@@ -349,6 +353,7 @@ fn manifest_from(args: &DeployArgs) -> anyhow::Result<Manifest> {
         ("ack_wait", &args.ack_wait),
         ("timeout", &args.timeout),
         ("memory", &args.memory),
+        ("on_dead_letter", &args.on_dead_letter),
     ] {
         if let Some(v) = value {
             set(key, v.clone().into());
