@@ -133,8 +133,8 @@ pub enum DlqCommand {
         #[arg(long)]
         dry_run: bool,
         /// Replay with this payload instead of the stored one (for this
-        /// replay only; a failure keeps the original).
-        #[arg(long, value_name = "FILE")]
+        /// replay only; a failure keeps the original). One entry only.
+        #[arg(long, value_name = "FILE", conflicts_with = "handler")]
         payload: Option<PathBuf>,
         /// Who is recorded in HOOK_AUDIT [default: [operator] actor, else $USER@host].
         #[arg(long)]

@@ -188,7 +188,9 @@ impl Manifest {
         Ok(manifest)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks every value (what [`Manifest::from_toml`] does after
+    /// parsing); the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
             && self

@@ -502,6 +502,48 @@ async fn replay_after_fixing_the_payload_or_the_handler_and_every_replay_is_audi
     );
     assert_eq!(replaced.first_failure, ticket_entry.first_failure);
 
+    // One replay or purge at a time per entry: while another holds it,
+    // both are refused and nothing changes.
+    let attempts = js.get_key_value("hook_attempts").await.expect("bucket");
+    store::claim(&attempts, replaced.dlq_seq, "a replay elsewhere")
+        .await
+        .expect("claimed");
+    let seq = replaced.dlq_seq.to_string();
+    let busy = cli.run(&["dlq", "replay", &seq]).await;
+    assert!(!busy.ok);
+    assert!(
+        busy.stdout
+            .contains("is being worked on by a replay elsewhere"),
+        "{}",
+        busy.stdout
+    );
+    let busy = cli.run(&["dlq", "purge", &seq, "--yes"]).await;
+    assert!(
+        !busy.ok && busy.stdout.contains("not purged"),
+        "{}",
+        busy.stdout
+    );
+    assert_eq!(dead_letters(&js).await.len(), 2);
+    store::unclaim(&attempts, replaced.dlq_seq).await;
+
+    // One fixed payload is for one event.
+    std::fs::write(cli.path("one.json"), ticket("T-9", false)).expect("write");
+    let many = cli
+        .run(&[
+            "dlq",
+            "replay",
+            &seq,
+            &order_entry.dlq_seq.to_string(),
+            "--payload",
+            "one.json",
+        ])
+        .await;
+    assert!(
+        !many.ok && many.stderr.contains("give exactly one dead letter"),
+        "{}",
+        many.stderr
+    );
+
     // A dry run touches nothing.
     let dry = cli
         .run(&["dlq", "replay", "--handler", "rec", "--dry-run"])

@@ -367,6 +367,20 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
         seen(&bed, "T-3").await == [("k-3".to_string(), "a".to_string())]
     })
     .await;
+
+    // Removed with its consumers: the running host does not bring them
+    // back (which would replay the stream from its start).
+    bed.ok(&["handlers", "remove", "rec", "--delete-consumer"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut names = events.consumer_names();
+    let mut left = Vec::new();
+    while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
+        left.push(name);
+    }
+    assert!(
+        left.iter().all(|n| !n.starts_with("handler_rec_")),
+        "{left:?}"
+    );
     drop(host);
 }
 

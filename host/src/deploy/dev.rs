@@ -78,20 +78,24 @@ pub async fn watch_dir(
             if seen.get(&path) == Some(&print) {
                 continue;
             }
-            seen.insert(path.clone(), print);
-            deploy_one(&store, &path, &actor).await;
+            // Remembered once settled; a deploy NATS failed at is tried
+            // again on the next look.
+            if deploy_one(&store, &path, &actor).await {
+                seen.insert(path.clone(), print);
+            }
         }
     }
 }
 
 /// Deploys the handler of one manifest file, saying why not when it
-/// cannot.
-async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) {
+/// cannot. `false` when NATS failed (worth another try), `true` when it is
+/// settled: deployed, unchanged, or refused for what the files hold.
+async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) -> bool {
     let manifest = match Manifest::load(path) {
         Ok(manifest) => manifest,
         Err(error) => {
             warn!(%error, "manifest not deployed");
-            return;
+            return true;
         }
     };
     let name = manifest.name.clone();
@@ -101,7 +105,7 @@ async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) {
             "component not built; skipping it. Build the example handlers with: \
              cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml"
         );
-        return;
+        return true;
     };
     let validated = match std::fs::read(&component)
         .map_err(|e| e.to_string())
@@ -110,16 +114,21 @@ async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) {
         Ok(validated) => validated,
         Err(error) => {
             warn!(handler = %name, component = %component.display(), %error, "component not deployed");
-            return;
+            return true;
         }
     };
     match store.deploy(manifest, &validated, actor).await {
         Ok(Deployed::Activated { deployment, .. }) => {
             info!(handler = %name, version = %deployment.version, "deployed from {}", path.display());
+            true
         }
         Ok(Deployed::Unchanged(current)) => {
             debug!(handler = %name, version = %current.version, "unchanged");
+            true
         }
-        Err(error) => warn!(handler = %name, %error, "not deployed"),
+        Err(error) => {
+            warn!(handler = %name, %error, "not deployed yet; trying again");
+            false
+        }
     }
 }

@@ -33,6 +33,21 @@ use crate::runtime::Prepared;
 /// How long a stopping host lets running handlers finish the event in hand.
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// How often preparing a version is tried when NATS fails.
+const PREPARE_TRIES: usize = 5;
+
+/// Why a version could not be prepared.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// NATS failed (fetching, updating consumers): worth another try.
+    #[error("{0}")]
+    Nats(String),
+    /// The component is refused here (does not compile or start, or its
+    /// bytes do not match the digest).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// A handler running on this host.
 struct Running {
     slot: Arc<HandlerSlot>,
@@ -122,6 +137,11 @@ impl Follower {
                     },
                 }
             }
+            // Watch again after a pause: a watch that fails at once must not spin.
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = shutdown.changed() => {}
+            }
         }
         self.stop_all().await;
     }
@@ -152,7 +172,7 @@ impl Follower {
         if let Some(slot) = &running {
             slot.begin_switch();
         }
-        let prepared = match self.prepare(store, &deployment).await {
+        let prepared = match self.prepare_patiently(store, &deployment).await {
             Ok(prepared) => prepared,
             Err(error) => {
                 if let Some(slot) = &running {
@@ -194,17 +214,50 @@ impl Follower {
         }
     }
 
+    /// [`Follower::prepare`], retrying what NATS failed at (a fetch, a
+    /// consumer update) a few times; a component that does not compile or
+    /// start is refused at once.
+    async fn prepare_patiently(
+        &self,
+        store: &HandlerStore,
+        deployment: &Deployment,
+    ) -> Result<Arc<Prepared>, String> {
+        let mut pause = Duration::from_millis(200);
+        for _ in 1..PREPARE_TRIES {
+            match self.prepare(store, deployment).await {
+                Err(Failure::Nats(error)) => {
+                    warn!(%error, retry_in = ?pause, "version not ready on this host yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => return other.map_err(|f| f.to_string()),
+            }
+        }
+        self.prepare(store, deployment)
+            .await
+            .map_err(|f| f.to_string())
+    }
+
     /// Fetches, compiles (or loads from the cache) and starts a deployment
     /// once, and brings its consumers up to its manifest.
     async fn prepare(
         &self,
         store: &HandlerStore,
         deployment: &Deployment,
-    ) -> Result<Arc<Prepared>, String> {
+    ) -> Result<Arc<Prepared>, Failure> {
+        // Written by hookmesh deploy, but read from a bucket anyone with
+        // the permissions can write to.
+        deployment
+            .manifest
+            .validate()
+            .map_err(|e| Failure::Refused(format!("manifest: {e}")))?;
         let bytes = store
             .fetch_component(&deployment.digest)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                super::DeployError::DigestMismatch { .. } => Failure::Refused(e.to_string()),
+                other => Failure::Nats(other.to_string()),
+            })?;
         let prepared = self
             .dispatch
             .runtime()
@@ -214,14 +267,14 @@ impl Follower {
                 Some(deployment.version.clone()),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::Refused(e.to_string()))?;
         // A changed filter, max_deliver or ack_wait applies from the next
         // delivery on; the partition workers keep their pulls.
         for partition in 0..self.dispatch.partitions() {
             self.dispatch
                 .ensure_consumer(&prepared.manifest, partition)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Nats(e.to_string()))?;
         }
         Ok(prepared)
     }

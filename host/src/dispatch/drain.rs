@@ -53,6 +53,9 @@ impl Dispatch {
     ) {
         let handler = slot.current().manifest.name.clone();
         let filter = format!("{}.{}.>", park::PREFIX, kv_key(&handler));
+        // Each drainer its own lease holder: a handler removed and deployed
+        // again quickly may have two on this host for a moment.
+        let holder = format!("{}:{}", self.host_id, uuid::Uuid::now_v7().simple());
         let mut retry = Duration::from_millis(200);
         while !*shutdown.borrow() {
             let mut records = match self.attempts.watch_with_history(&filter).await {
@@ -67,13 +70,21 @@ impl Dispatch {
                     continue;
                 }
             };
+            retry = Duration::from_millis(200);
             let mut known: BTreeMap<String, ParkRecord> = BTreeMap::new();
             let mut recheck = tokio::time::interval(RECHECK);
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => return,
                     next = records.next() => {
-                        let Some(Ok(entry)) = next else { break };
+                        let Some(Ok(entry)) = next else {
+                            // Interrupted: watch again, after a pause.
+                            tokio::select! {
+                                _ = tokio::time::sleep(retry) => {}
+                                _ = shutdown.changed() => return,
+                            }
+                            break;
+                        };
                         match entry.operation {
                             Operation::Put => match serde_json::from_slice::<ParkRecord>(&entry.value) {
                                 Ok(record) => { known.insert(entry.key, record); }
@@ -94,17 +105,23 @@ impl Dispatch {
                     if *shutdown.borrow() {
                         return;
                     }
-                    self.drain(&slot, &key, &shutdown).await;
+                    self.drain(&slot, &key, &holder, &shutdown).await;
                 }
             }
         }
     }
 
     /// Runs the waiting events of one released entity, holding its lease.
-    async fn drain(&self, slot: &HandlerSlot, key: &str, shutdown: &watch::Receiver<bool>) {
+    async fn drain(
+        &self,
+        slot: &HandlerSlot,
+        key: &str,
+        holder: &str,
+        shutdown: &watch::Receiver<bool>,
+    ) {
         let manifest = slot.current().manifest.clone();
         let lease = (manifest.timeout * 4).max(Duration::from_secs(30));
-        let mut record = match park::take_lease(&self.attempts, key, &self.host_id, lease).await {
+        let mut record = match park::take_lease(&self.attempts, key, holder, lease).await {
             Ok(Some(record)) => record,
             Ok(None) => return,
             Err(error) => {
@@ -115,19 +132,32 @@ impl Dispatch {
         info!(handler = %manifest.name, %key, waiting = record.waiting.len(), "dead letter resolved; running the entity's parked events");
         while let Some(&stream_seq) = record.waiting.first() {
             if *shutdown.borrow() {
-                let _ = park::give_up_lease(&self.attempts, key, &self.host_id).await;
+                let _ = park::give_up_lease(&self.attempts, key, holder).await;
                 return;
             }
-            let prepared = slot.current();
-            match self.run_parked(&prepared, stream_seq, shutdown).await {
-                Ran::Handled | Ran::Gone => {
-                    match park::finished(&self.attempts, key, &self.host_id, stream_seq, lease)
-                        .await
-                    {
-                        Ok(Some(next)) if next.lease_holder.as_deref() == Some(&self.host_id) => {
-                            record = next;
+            let prepared = slot.ready(lease / 3).await;
+            // The lease is renewed while the event runs (its retries may
+            // take far longer than one lease); losing it stops this run.
+            let run = self.run_parked(&prepared, stream_seq, shutdown);
+            tokio::pin!(run);
+            let mut renew = tokio::time::interval(lease / 3);
+            renew.tick().await;
+            let ran = loop {
+                tokio::select! {
+                    ran = &mut run => break ran,
+                    _ = renew.tick() => {
+                        if let Ok(false) = park::renew(&self.attempts, key, holder, lease).await {
+                            warn!(%key, "the park lease went to another host; leaving the entity to it");
+                            return;
                         }
-                        Ok(_) => return,
+                    }
+                }
+            };
+            match ran {
+                Ran::Handled | Ran::Gone => {
+                    match park::finished(&self.attempts, key, holder, stream_seq, lease).await {
+                        Ok(Some(next)) => record = next,
+                        Ok(None) => return,
                         Err(error) => {
                             warn!(%key, %error, "park record not updated; the lease expires and the event runs again");
                             return;
@@ -135,15 +165,14 @@ impl Dispatch {
                     }
                 }
                 Ran::DeadLetter => {
-                    if let Err(error) =
-                        park::failed(&self.attempts, key, &self.host_id, stream_seq).await
+                    if let Err(error) = park::failed(&self.attempts, key, holder, stream_seq).await
                     {
                         warn!(%key, %error, "park record not updated after a dead letter");
                     }
                     return;
                 }
                 Ran::Interrupted => {
-                    let _ = park::give_up_lease(&self.attempts, key, &self.host_id).await;
+                    let _ = park::give_up_lease(&self.attempts, key, holder).await;
                     return;
                 }
             }

@@ -247,6 +247,26 @@ impl Dispatch {
             .map_err(|e| nats(format!("consumer {name}"), &e))
     }
 
+    /// A handler's partition consumer as it is on the server.
+    async fn existing_consumer(
+        &self,
+        manifest: &Manifest,
+        partition: u32,
+    ) -> Result<consumer::PullConsumer, DispatchError> {
+        let name = manifest.consumer_name(partition);
+        let nats = |what: String, e: &dyn std::fmt::Display| DispatchError::Nats {
+            what,
+            message: e.to_string(),
+        };
+        self.js
+            .get_stream_no_info(EVENTS_STREAM)
+            .await
+            .map_err(|e| nats(EVENTS_STREAM.to_string(), &e))?
+            .get_consumer(&name)
+            .await
+            .map_err(|e| nats(format!("consumer {name}"), &e))
+    }
+
     async fn run_partition(
         self: Arc<Self>,
         slot: Arc<HandlerSlot>,
@@ -254,10 +274,25 @@ impl Dispatch {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut retry = Duration::from_millis(200);
+        let mut bound = false;
         while !*shutdown.borrow() {
             let manifest = slot.current().manifest.clone();
-            let consumer = match self.ensure_consumer(&manifest, partition).await {
-                Ok(consumer) => consumer,
+            // The consumer is made (or brought up to the manifest) once, when
+            // the handler starts here; later a deploy's activation updates
+            // it. Re-pulling only binds to it: a host still on an older
+            // version must not write its config back, and a consumer deleted
+            // on purpose (`handlers remove --delete-consumer`) must not come
+            // back replaying the stream from the start.
+            let consumer = if bound {
+                self.existing_consumer(&manifest, partition).await
+            } else {
+                self.ensure_consumer(&manifest, partition).await
+            };
+            let consumer = match consumer {
+                Ok(consumer) => {
+                    bound = true;
+                    consumer
+                }
                 Err(error) => {
                     warn!(handler = %manifest.name, partition, %error, retry_in = ?retry, "consumer not ready");
                     tokio::select! {
@@ -341,6 +376,13 @@ impl Dispatch {
                     Reason::Permanent,
                 )
                 .await;
+                if manifest.on_dead_letter == OnDeadLetter::Park
+                    && let Err(error) =
+                        park::hold(&self.attempts, &manifest.name, &message.subject, stream_seq)
+                            .await
+                {
+                    warn!(%error, "could not park the entity; its later events go on");
+                }
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
@@ -356,17 +398,23 @@ impl Dispatch {
         );
         async {
             if manifest.on_dead_letter == OnDeadLetter::Park {
-                match park::enqueue_if_parked(&self.attempts, &manifest.name, &input.subject, stream_seq).await {
-                    Ok(false) => {}
-                    Ok(true) => {
+                match self.parked(&message, &manifest, &input.subject, stream_seq).await {
+                    Some(park::Queued::Run) => {}
+                    Some(park::Queued::Waiting) => {
                         info!("the entity is parked behind a dead letter; the event waits its turn");
                         if let Err(error) = message.double_ack().await {
                             warn!(%error, "ack not confirmed; the event is queued once all the same");
                         }
                         return;
                     }
-                    Err(error) => {
-                        warn!(%error, "cannot tell whether the entity is parked; retrying");
+                    Some(park::Queued::DeadLetter) => {
+                        // Its settling was lost after the entity was parked
+                        // behind it: terminate it now, so its dead letter is
+                        // written.
+                        let _ = message.ack_with(AckKind::Term).await;
+                        return;
+                    }
+                    None => {
                         let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                         return;
                     }
@@ -427,6 +475,37 @@ impl Dispatch {
         }
         .instrument(span)
         .await;
+    }
+
+    /// Whether the event waits behind a parked entity. A NATS failure is
+    /// retried in place (with progress acks, so the delivery is neither
+    /// redelivered nor counted) for up to half the ack wait; `None` when it
+    /// still fails.
+    async fn parked(
+        &self,
+        message: &jetstream::Message,
+        manifest: &Manifest,
+        subject: &str,
+        stream_seq: u64,
+    ) -> Option<park::Queued> {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match park::enqueue_if_parked(&self.attempts, &manifest.name, subject, stream_seq).await
+            {
+                Ok(queued) => return Some(queued),
+                Err(error) if started.elapsed() < manifest.ack_wait / 2 => {
+                    debug!(%error, retry_in = ?pause, "cannot tell whether the entity is parked yet");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => {
+                    warn!(%error, "cannot tell whether the entity is parked; the event comes back later");
+                    return None;
+                }
+            }
+        }
     }
 
     /// Runs one event on `prepared` and, when it succeeds, publishes its

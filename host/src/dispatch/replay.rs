@@ -22,7 +22,6 @@ use crate::audit::{self, Action, AuditRecord, DeadLetterRef};
 use crate::dlq::entry::{self, Failure};
 use crate::dlq::replay::{self, ReplayAnswer, ReplayOutcome, ReplayRequest};
 use crate::dlq::{DlqReason, park, store};
-use crate::manifest::OnDeadLetter;
 
 impl Dispatch {
     /// Answers replay requests for `slot`'s handler until `shutdown`.
@@ -75,9 +74,20 @@ impl Dispatch {
         }
     }
 
-    /// Replays one entry and settles it.
+    /// Replays one entry and settles it, holding the entry's claim
+    /// meanwhile so no other replay or purge works on it at once.
     async fn replay(&self, slot: &HandlerSlot, request: ReplayRequest) -> ReplayAnswer {
-        let prepared = slot.current();
+        let who = format!("a replay by {} on {}", request.actor, self.host_id);
+        if let Err(error) = store::claim(&self.attempts, request.dlq_seq, &who).await {
+            return ReplayAnswer::Refused(error.to_string());
+        }
+        let answer = self.replay_claimed(slot, &request).await;
+        store::unclaim(&self.attempts, request.dlq_seq).await;
+        answer
+    }
+
+    async fn replay_claimed(&self, slot: &HandlerSlot, request: &ReplayRequest) -> ReplayAnswer {
+        let prepared = slot.ready(slot.current().manifest.timeout * 4).await;
         let manifest = prepared.manifest.clone();
         let version = version_of(&prepared);
         let dead = match store::get(&self.js, request.dlq_seq).await {
@@ -139,17 +149,19 @@ impl Dispatch {
             match outcome {
                 Ok(emits) => {
                     info!(emits, "replayed");
-                    if let Err(error) = store::delete(&self.js, dead.dlq_seq).await {
-                        warn!(%error, "replayed, but the entry could not be deleted");
-                    }
+                    // Resolved before deleted: an advisory read again in
+                    // between must find it resolved.
                     if let Err(error) = attempts::resolve(&self.attempts, &manifest.name, dead.stream_seq, &dead.subject, "replayed").await {
                         warn!(%error, "not marked replayed: a re-processed advisory could make the entry again");
                     }
-                    if manifest.on_dead_letter == OnDeadLetter::Park {
-                        match park::release(&self.attempts, &manifest.name, &dead.subject, dead.stream_seq).await {
-                            Ok(released) => answer.released = released,
-                            Err(error) => warn!(%error, "the entity's parked events were not released"),
-                        }
+                    if let Err(error) = store::delete(&self.js, dead.dlq_seq).await {
+                        warn!(%error, "replayed, but the entry could not be deleted");
+                    }
+                    // Also when the handler no longer parks: events parked
+                    // before a deploy turned parking off still wait.
+                    match park::release(&self.attempts, &manifest.name, &dead.subject, dead.stream_seq).await {
+                        Ok(released) => answer.released = released,
+                        Err(error) => warn!(%error, "the entity's parked events were not released"),
                     }
                 }
                 Err((reason, error)) => {

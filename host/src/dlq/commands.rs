@@ -121,7 +121,13 @@ async fn targets(js: &jetstream::Context, target: &Target) -> anyhow::Result<Vec
             }
             Ok(entries)
         }
-        Target::Selected(selection) => Ok(store::list(js, selection).await?),
+        // In event order, so an entity's dead letters replay as they
+        // happened, not as they failed.
+        Target::Selected(selection) => {
+            let mut entries = store::list(js, selection).await?;
+            entries.sort_by_key(|e| e.stream_seq);
+            Ok(entries)
+        }
     }
 }
 
@@ -147,6 +153,12 @@ pub async fn replay(
     if entries.is_empty() {
         println!("nothing to replay");
         return Ok(());
+    }
+    if payload.is_some() && entries.len() > 1 {
+        bail!(
+            "--payload replaces one event's payload: give exactly one dead letter, not {}",
+            entries.len()
+        );
     }
     if dry_run {
         for entry in &entries {
@@ -240,35 +252,67 @@ pub async fn purge(
         .await
         .with_context(|| format!("KV bucket {ATTEMPTS_BUCKET}"))?;
     let mut by_handler: std::collections::BTreeMap<&str, Vec<DeadLetterRef>> = Default::default();
+    let mut failures = Vec::new();
     for entry in &entries {
-        store::delete(js, entry.dlq_seq).await?;
-        attempts::resolve(
-            &bucket,
-            &entry.handler,
-            entry.stream_seq,
-            &entry.subject,
-            "purged",
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("marking {} purged: {e}", entry.dlq_seq))?;
-        park::release(&bucket, &entry.handler, &entry.subject, entry.stream_seq)
-            .await
-            .with_context(|| format!("releasing the entity of {}", entry.dlq_seq))?;
-        by_handler
-            .entry(&entry.handler)
-            .or_default()
-            .push(DeadLetterRef {
-                dlq_seq: entry.dlq_seq,
-                stream_seq: entry.stream_seq,
-                subject: entry.subject.clone(),
-            });
+        // Claimed, so a replay running on it now is not raced.
+        let who = format!("a purge by {actor}");
+        let purged = match store::claim(&bucket, entry.dlq_seq, &who).await {
+            Ok(()) => {
+                let purged = purge_one(js, &bucket, entry).await;
+                store::unclaim(&bucket, entry.dlq_seq).await;
+                purged
+            }
+            Err(error) => Err(error.into()),
+        };
+        match purged {
+            Ok(()) => by_handler
+                .entry(&entry.handler)
+                .or_default()
+                .push(DeadLetterRef {
+                    dlq_seq: entry.dlq_seq,
+                    stream_seq: entry.stream_seq,
+                    subject: entry.subject.clone(),
+                }),
+            Err(error) => {
+                println!("{:>8}  not purged: {error:#}", entry.dlq_seq);
+                failures.push(entry.dlq_seq);
+            }
+        }
     }
+    // What was purged is audited even when some entries were not.
+    let purged: usize = by_handler.values().map(Vec::len).sum();
     for (handler, refs) in by_handler {
         let mut record = AuditRecord::new(Action::Purge, actor, handler, "ok");
         record.entries = refs;
         audit::write(js, &record).await?;
     }
-    println!("purged {} dead letter(s)", entries.len());
+    println!("purged {purged} dead letter(s)");
+    if !failures.is_empty() {
+        bail!("{} dead letter(s) not purged: {failures:?}", failures.len());
+    }
+    Ok(())
+}
+
+/// Resolves, deletes and releases one entry (resolved first: an advisory
+/// read again in between must find it resolved).
+async fn purge_one(
+    js: &jetstream::Context,
+    bucket: &async_nats::jetstream::kv::Store,
+    entry: &DeadLetter,
+) -> anyhow::Result<()> {
+    attempts::resolve(
+        bucket,
+        &entry.handler,
+        entry.stream_seq,
+        &entry.subject,
+        "purged",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("marking it purged: {e}"))?;
+    store::delete(js, entry.dlq_seq).await?;
+    park::release(bucket, &entry.handler, &entry.subject, entry.stream_seq)
+        .await
+        .context("releasing its entity")?;
     Ok(())
 }
 

@@ -47,6 +47,14 @@ pub enum DlqError {
     /// No dead letter has that sequence.
     #[error("no dead letter with sequence {0} in HOOK_DLQ")]
     NotFound(u64),
+    /// Another replay or purge is working on the entry.
+    #[error("dead letter {seq} is being worked on by {who}; try again once it is done")]
+    Busy {
+        /// The entry.
+        seq: u64,
+        /// Who holds it.
+        who: String,
+    },
     /// A message on `HOOK_DLQ` is not a dead letter hookmesh wrote.
     #[error("HOOK_DLQ sequence {seq}: {message}")]
     Malformed {

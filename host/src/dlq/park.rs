@@ -204,28 +204,37 @@ pub async fn hold(
     .await
 }
 
-/// If the entity of `subject` is parked, queues `stream_seq` behind it and
-/// says `true`; otherwise `false` (the event runs now).
+/// What a delivered event of a parking handler does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// The entity is not parked: run it now.
+    Run,
+    /// It waits behind the entity's dead letter (queued now or before).
+    Waiting,
+    /// It is itself the dead letter holding the entity (delivered again
+    /// because its settling was lost).
+    DeadLetter,
+}
+
+/// If the entity of `subject` is parked, queues `stream_seq` behind it.
 pub async fn enqueue_if_parked(
     bucket: &kv::Store,
     handler: &str,
     subject: &str,
     stream_seq: u64,
-) -> Result<bool, DlqError> {
+) -> Result<Queued, DlqError> {
     let Some(key) = key(handler, subject) else {
-        return Ok(false);
+        return Ok(Queued::Run);
     };
     modify(bucket, &key, |record| match record {
-        None => Change::Keep(false),
-        Some(record)
-            if record.waiting.contains(&stream_seq)
-                || record.dead_letters.contains(&stream_seq) =>
-        {
-            Change::Keep(true)
+        None => Change::Keep(Queued::Run),
+        Some(record) if record.dead_letters.contains(&stream_seq) => {
+            Change::Keep(Queued::DeadLetter)
         }
+        Some(record) if record.waiting.contains(&stream_seq) => Change::Keep(Queued::Waiting),
         Some(mut record) => {
             record.waiting.push(stream_seq);
-            Change::Put(record, true)
+            Change::Put(record, Queued::Waiting)
         }
     })
     .await
@@ -278,8 +287,28 @@ pub async fn take_lease(
     .await
 }
 
+/// Extends `holder`'s lease of `key` by `lease` from now; `false` when the
+/// lease is not (or no longer) `holder`'s.
+pub async fn renew(
+    bucket: &kv::Store,
+    key: &str,
+    holder: &str,
+    lease: Duration,
+) -> Result<bool, DlqError> {
+    let now = SystemTime::now();
+    modify(bucket, key, |record| match record {
+        Some(mut record) if record.lease_holder.as_deref() == Some(holder) => {
+            record.lease_until = Some(millis(now + lease));
+            Change::Put(record, true)
+        }
+        _ => Change::Keep(false),
+    })
+    .await
+}
+
 /// The waiting event `stream_seq` ran: it leaves the queue and the lease is
-/// renewed. Returns the record left (`None` once deleted: nothing waits).
+/// renewed. Returns the record left (`None` once deleted, nothing waiting,
+/// or when the lease is not `holder`'s any more: then nothing changes).
 pub async fn finished(
     bucket: &kv::Store,
     key: &str,
@@ -290,14 +319,13 @@ pub async fn finished(
     let now = SystemTime::now();
     modify(bucket, key, |record| match record {
         None => Change::Keep(None),
+        Some(record) if record.lease_holder.as_deref() != Some(holder) => Change::Keep(None),
         Some(mut record) => {
             record.waiting.retain(|&s| s != stream_seq);
             if record.waiting.is_empty() && record.dead_letters.is_empty() {
                 return Change::Delete(None);
             }
-            if record.lease_holder.as_deref() == Some(holder) {
-                record.lease_until = Some(millis(now + lease));
-            }
+            record.lease_until = Some(millis(now + lease));
             Change::Put(record.clone(), Some(record))
         }
     })
@@ -305,7 +333,8 @@ pub async fn finished(
 }
 
 /// The waiting event `stream_seq` became a dead letter itself: it holds
-/// the entity now, and the lease ends.
+/// the entity now, and the lease ends (nothing changes when the lease is
+/// not `holder`'s any more).
 pub async fn failed(
     bucket: &kv::Store,
     key: &str,
@@ -314,15 +343,14 @@ pub async fn failed(
 ) -> Result<(), DlqError> {
     modify(bucket, key, |record| match record {
         None => Change::Keep(()),
+        Some(record) if record.lease_holder.as_deref() != Some(holder) => Change::Keep(()),
         Some(mut record) => {
             record.waiting.retain(|&s| s != stream_seq);
             if !record.dead_letters.contains(&stream_seq) {
                 record.dead_letters.push(stream_seq);
             }
-            if record.lease_holder.as_deref() == Some(holder) {
-                record.lease_holder = None;
-                record.lease_until = None;
-            }
+            record.lease_holder = None;
+            record.lease_until = None;
             Change::Put(record, ())
         }
     })

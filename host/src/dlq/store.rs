@@ -134,3 +134,75 @@ pub async fn depths(
     }
     Ok(depths)
 }
+
+/// How long a claim on a dead letter holds before another replay or purge
+/// may take it over (its holder died mid-way).
+pub const CLAIM_TTL: Duration = Duration::from_secs(600);
+
+/// A claim: who works on a dead letter, since when (Unix ms).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Claim {
+    who: String,
+    since_ms: u64,
+}
+
+fn claim_key(seq: u64) -> String {
+    // Three tokens: never an attempt record (`<handler>.<seq>`) nor a park
+    // record (`park.<handler>.<provider>.<domain>.<entity>`).
+    format!("claim.dlq.{seq}")
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Claims dead letter `seq` for `who`, so one replay or purge works on it
+/// at a time (in the `hook_attempts` bucket, key `claim.dlq.<seq>`).
+pub async fn claim(
+    bucket: &async_nats::jetstream::kv::Store,
+    seq: u64,
+    who: &str,
+) -> Result<(), DlqError> {
+    let key = claim_key(seq);
+    let now = SystemTime::now();
+    let value = serde_json::to_vec(&Claim {
+        who: who.to_string(),
+        since_ms: unix_ms(now),
+    })
+    .map_err(|e| DlqError::nats(&key, e))?;
+    let entry = bucket
+        .entry(&key)
+        .await
+        .map_err(|e| DlqError::nats(&key, e))?;
+    let written = match entry {
+        None => bucket
+            .create(&key, value.into())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Some(entry) => {
+            let held = (entry.operation == async_nats::jetstream::kv::Operation::Put)
+                .then(|| serde_json::from_slice::<Claim>(&entry.value).ok())
+                .flatten()
+                .filter(|c| unix_ms(now).saturating_sub(c.since_ms) < CLAIM_TTL.as_millis() as u64);
+            if let Some(held) = held {
+                return Err(DlqError::Busy { seq, who: held.who });
+            }
+            bucket
+                .update(&key, value.into(), entry.revision)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    };
+    written.map_err(|_| DlqError::Busy {
+        seq,
+        who: "another replay or purge".into(),
+    })
+}
+
+/// Ends a claim.
+pub async fn unclaim(bucket: &async_nats::jetstream::kv::Store, seq: u64) {
+    let _ = bucket.purge(claim_key(seq)).await;
+}

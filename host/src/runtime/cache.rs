@@ -13,7 +13,7 @@ use wasmtime::component::Component;
 const WASMTIME_MAJOR: &str = "48";
 
 /// A directory of precompiled components.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ArtifactCache {
     dir: PathBuf,
     engine: Engine,

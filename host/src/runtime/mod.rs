@@ -298,10 +298,21 @@ impl Runtime {
             handler: handler.clone(),
             reason,
         };
-        let component = match &self.cache {
-            Some(cache) => cache.load_or_compile(&digest, bytes),
-            None => Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}")),
-        }
+        // Compiling takes up to seconds of CPU: off the async workers, so a
+        // live deploy does not stall the acks and requests sharing them.
+        let (engine, cache, owned, key) = (
+            self.engine.clone(),
+            self.cache.clone(),
+            bytes.to_vec(),
+            digest.clone(),
+        );
+        let component = tokio::task::spawn_blocking(move || match &cache {
+            Some(cache) => cache.load_or_compile(&key, &owned),
+            None => Component::new(&engine, &owned).map_err(|e| format!("{e:#}")),
+        })
+        .await
+        .map_err(|e| format!("compiling: {e}"))
+        .and_then(|compiled| compiled)
         .map_err(invalid)?;
         let pre = self
             .linker
