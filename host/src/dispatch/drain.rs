@@ -238,6 +238,19 @@ impl Dispatch {
                         emits,
                         "handled after the dead letter ahead of it was resolved"
                     );
+                    // Its delivery was acked when it was queued; should that
+                    // ack have been lost, the redelivery must not run it again.
+                    if let Err(error) = attempts::resolve(
+                        &self.attempts,
+                        &manifest.name,
+                        stream_seq,
+                        &original.subject,
+                        "ran-after-park",
+                    )
+                    .await
+                    {
+                        warn!(%error, "not marked as run");
+                    }
                     return Ran::Handled;
                 }
                 Err(failure) => failure,

@@ -398,6 +398,16 @@ impl Dispatch {
         );
         async {
             if manifest.on_dead_letter == OnDeadLetter::Park {
+                // A redelivery of an event queued behind a parked entity (its
+                // ack was lost) that a drainer has run since: done already.
+                if delivery > 1
+                    && let Ok(Some(record)) = attempts::read(&self.attempts, &manifest.name, stream_seq).await
+                    && record.resolved.as_deref() == Some("ran-after-park")
+                {
+                    debug!("ran while its entity was released; acked");
+                    let _ = message.double_ack().await;
+                    return;
+                }
                 match self.parked(&message, &manifest, &input.subject, stream_seq).await {
                     Some(park::Queued::Run) => {}
                     Some(park::Queued::Waiting) => {
