@@ -351,7 +351,7 @@ async fn every_give_up_becomes_one_complete_dead_letter() {
 }
 
 #[tokio::test]
-async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
+async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory_and_parks_its_entity() {
     let nats = NatsServer::start().expect("nats");
     let js = jetstream(&nats).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -362,7 +362,7 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
         handler_dir.join("handler.toml"),
         format!(
             "name = \"stuck\"\ncomponent = {:?}\nsubject = \"crm.order.>\"\nmax_deliver = 1\n\
-             ack_wait = \"3s\"\ntimeout = \"2s\"\n",
+             ack_wait = \"3s\"\ntimeout = \"2s\"\non_dead_letter = \"park\"\n",
             guest("fixture_loop").display().to_string()
         ),
     )
@@ -446,6 +446,31 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory() {
 
     let second = LoggedProcess::start(dir.path(), &args, "second").await;
     let entries = wait_dead_letters(&js, 1).await;
+    // The dying host had parked the entity before its last delivery ran,
+    // so the entity's next event waits behind the dead letter.
+    let next = send_crm(
+        &second.address,
+        crm_order("order.updated", "ORD-S", 2),
+        "stuck-2",
+    )
+    .await;
+    let attempts = js.get_key_value("hook_attempts").await.expect("bucket");
+    let key = park::key(
+        "stuck",
+        next["subject"].as_str().expect("the event's subject"),
+    )
+    .expect("key");
+    wait_for(Duration::from_secs(20), "the next event queued", || async {
+        park::read(&attempts, &key)
+            .await
+            .expect("read")
+            .0
+            .is_some_and(|r| {
+                r.dead_letters == [entries[0].stream_seq]
+                    && r.waiting == [next["stream_seq"].as_u64().expect("seq")]
+            })
+    })
+    .await;
     drop(second);
     let entry = &entries[0];
     assert_eq!(entry.handler, "stuck");

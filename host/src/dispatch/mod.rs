@@ -25,7 +25,7 @@ use async_nats::jetstream::{self, AckKind, consumer, kv};
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use attempts::{AttemptRecord, Reason};
 pub use event::{input as event_input, input_from as event_input_from};
@@ -430,6 +430,17 @@ impl Dispatch {
                     }
                 }
             }
+            // The last delivery parks the entity before it runs: should the
+            // host die in it, the delivery times out into a dead letter
+            // with the entity already held behind it. Success lifts it.
+            let last_delivery = delivery >= u64::try_from(manifest.max_deliver).unwrap_or(u64::MAX);
+            let parks_first = last_delivery && manifest.on_dead_letter == OnDeadLetter::Park;
+            if parks_first
+                && let Err(error) = park::hold(&self.attempts, &manifest.name, &input.subject, stream_seq).await
+            {
+                warn!(%error, "could not park the entity ahead of the last delivery");
+            }
+            let subject = input.subject.clone();
             let execution = self.execute(&prepared, input);
             tokio::pin!(execution);
             // Tell the server the event is still being worked on, so a long
@@ -444,6 +455,9 @@ impl Dispatch {
             };
             let (reason, error) = match outcome {
                 Ok(emits) => {
+                    if parks_first {
+                        self.lift_hold(&manifest.name, &subject, stream_seq).await;
+                    }
                     if let Err(error) = message.double_ack().await {
                         // The handler ran; the server will redeliver and
                         // the handler must tolerate running twice.
@@ -485,6 +499,27 @@ impl Dispatch {
         }
         .instrument(span)
         .await;
+    }
+
+    /// Lifts the hold a last delivery placed before it ran, now that it
+    /// succeeded, retrying for a while: a hold left behind would park the
+    /// entity behind a dead letter that does not exist.
+    async fn lift_hold(&self, handler: &str, subject: &str, stream_seq: u64) {
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..8 {
+            match park::release(&self.attempts, handler, subject, stream_seq).await {
+                Ok(_) => return,
+                Err(error) => {
+                    debug!(%error, retry_in = ?pause, "hold not lifted yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        error!(
+            park_key = park::key(handler, subject).unwrap_or_default(),
+            "the entity stays parked behind an event that succeeded; delete that park record to release it"
+        );
     }
 
     /// Whether the event waits behind a parked entity. A NATS failure is
