@@ -27,7 +27,6 @@ use hookmesh::deploy::{self, Deployed, HandlerStore, Validated};
 use hookmesh::manifest::Manifest;
 use hookmesh::server::Options;
 use hookmesh::streams::Mode;
-use hookmesh_test_support::NatsServer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -105,15 +104,7 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
         .iter()
         .map(|name| example(name))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let server = tokio::task::spawn_blocking(NatsServer::start)
-        .await
-        .context("starting nats-server")?
-        .with_context(|| {
-            format!(
-                "cannot start {} (set NATS_SERVER_BIN to choose the binary)",
-                hookmesh_test_support::server_binary().display()
-            )
-        })?;
+    let server = crate::host::start_nats().await?;
     let url = server.url();
     let config = host::config(&url, "bench", "whsec_YmVuY2g=", 16, 65_536)?;
     let client = async_nats::connect(&url).await.context("connecting")?;

@@ -52,7 +52,6 @@ use hookmesh::runtime::{EventInput, MemoryServices, Runtime, Services, Verdict a
 use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use hookmesh::subject::EventAddress;
-use hookmesh_test_support::NatsServer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -212,16 +211,7 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
     progress("overhead: Runtime::invoke of the no-op, sequentially");
     let overhead = overhead(&manifest, &bytes, &args).await?;
 
-    // Starting the server polls its log with blocking sleeps.
-    let server = tokio::task::spawn_blocking(NatsServer::start)
-        .await
-        .context("starting nats-server")?
-        .with_context(|| {
-            format!(
-                "cannot start {} (set NATS_SERVER_BIN to choose the binary)",
-                hookmesh_test_support::server_binary().display()
-            )
-        })?;
+    let server = crate::host::start_nats().await?;
     let url = server.url();
     let nats_pid = server.pid();
 

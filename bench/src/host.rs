@@ -43,3 +43,17 @@ entity_id = "json:/data/id"
     )
     .context("the bench's host config")
 }
+
+/// Starts the bench's own nats-server (`NATS_SERVER_BIN` honoured).
+pub async fn start_nats() -> anyhow::Result<hookmesh_test_support::NatsServer> {
+    // Starting the server polls its log with blocking sleeps.
+    tokio::task::spawn_blocking(hookmesh_test_support::NatsServer::start)
+        .await
+        .context("starting nats-server")?
+        .with_context(|| {
+            format!(
+                "cannot start {} (set NATS_SERVER_BIN to choose the binary)",
+                hookmesh_test_support::server_binary().display()
+            )
+        })
+}

@@ -25,7 +25,6 @@ use hookmesh::publish::{Inbound, Publisher, Stored};
 use hookmesh::send::{Signed, prepare};
 use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
-use hookmesh_test_support::NatsServer;
 use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -99,16 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.entities > 0, "--entities must be at least 1");
 
-    // Starting the server polls its log with blocking sleeps.
-    let server = tokio::task::spawn_blocking(NatsServer::start)
-        .await
-        .context("starting nats-server")?
-        .with_context(|| {
-            format!(
-                "cannot start {} (set NATS_SERVER_BIN to choose the binary)",
-                hookmesh_test_support::server_binary().display()
-            )
-        })?;
+    let server = crate::host::start_nats().await?;
     let url = server.url();
 
     progress("baseline: JetStream publish awaiting PubAck");
