@@ -21,6 +21,7 @@
 //!   and purge.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`nats`]: connecting as configured.
+//! - [`retry`]: the growing pause of every loop waiting for NATS.
 //! - [`server`]: running the host and stopping it cleanly.
 //! - [`manifest`]: handler manifests (`handler.toml`).
 //! - [`runtime`]: running handler components in wasmtime, sandboxed.
@@ -46,6 +47,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod nats;
 pub mod publish;
+pub mod retry;
 pub mod runtime;
 pub mod send;
 pub mod server;

@@ -28,6 +28,7 @@ use super::{Change, Deployment, HandlerStore};
 use crate::audit::{self, Action, AuditRecord};
 use crate::dispatch::{Dispatch, HandlerSlot};
 use crate::metrics::Metrics;
+use crate::retry::Retry;
 use crate::runtime::Prepared;
 
 /// How long a stopping host lets running handlers finish the event in hand.
@@ -99,7 +100,7 @@ impl Follower {
     /// Follows the deployments until `shutdown` turns true, then stops
     /// every handler and waits for the events in hand.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut retry = Duration::from_millis(200);
+        let mut retry = Retry::default();
         while !*shutdown.borrow() {
             let watched = async {
                 let store = HandlerStore::open(&self.js).await?;
@@ -110,16 +111,12 @@ impl Follower {
             let (store, mut changes) = match watched {
                 Ok(watched) => watched,
                 Err(error) => {
-                    warn!(%error, retry_in = ?retry, "cannot follow deployments yet");
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(5));
+                    warn!(%error, retry_in = ?retry.delay(), "cannot follow deployments yet");
+                    retry.pause(&mut shutdown).await;
                     continue;
                 }
             };
-            retry = Duration::from_millis(200);
+            retry.reset();
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => break,
@@ -138,10 +135,7 @@ impl Follower {
                 }
             }
             // Watch again after a pause: a watch that fails at once must not spin.
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
-                _ = shutdown.changed() => {}
-            }
+            retry.wait(&mut shutdown).await;
         }
         self.stop_all().await;
     }

@@ -25,6 +25,7 @@ use crate::dlq::entry::{self, Original};
 use crate::dlq::park::{self, ParkRecord};
 use crate::dlq::writer;
 use crate::extract::kv_key;
+use crate::retry::Retry;
 use crate::runtime::Prepared;
 use crate::streams::EVENTS_STREAM;
 
@@ -56,21 +57,17 @@ impl Dispatch {
         // Each drainer its own lease holder: a handler removed and deployed
         // again quickly may have two on this host for a moment.
         let holder = format!("{}:{}", self.host_id, uuid::Uuid::now_v7().simple());
-        let mut retry = Duration::from_millis(200);
+        let mut retry = Retry::default();
         while !*shutdown.borrow() {
             let mut records = match self.attempts.watch_with_history(&filter).await {
                 Ok(records) => records,
                 Err(error) => {
-                    warn!(%handler, %error, "cannot watch park records");
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(5));
+                    warn!(%handler, %error, retry_in = ?retry.delay(), "cannot watch park records");
+                    retry.pause(&mut shutdown).await;
                     continue;
                 }
             };
-            retry = Duration::from_millis(200);
+            retry.reset();
             let mut known: BTreeMap<String, ParkRecord> = BTreeMap::new();
             let mut recheck = tokio::time::interval(RECHECK);
             loop {
@@ -79,10 +76,7 @@ impl Dispatch {
                     next = records.next() => {
                         let Some(Ok(entry)) = next else {
                             // Interrupted: watch again, after a pause.
-                            tokio::select! {
-                                _ = tokio::time::sleep(retry) => {}
-                                _ = shutdown.changed() => return,
-                            }
+                            retry.wait(&mut shutdown).await;
                             break;
                         };
                         match entry.operation {

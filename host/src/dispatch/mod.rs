@@ -33,6 +33,7 @@ pub use event::{input as event_input, input_from as event_input_from};
 use crate::dlq::park;
 use crate::manifest::{Manifest, OnDeadLetter, partition_filter};
 use crate::metrics::Metrics;
+use crate::retry::Retry;
 use crate::runtime::{EventInput, Prepared, Runtime, Services, Verdict};
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
 
@@ -273,7 +274,7 @@ impl Dispatch {
         partition: u32,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut retry = Duration::from_millis(200);
+        let mut retry = Retry::default();
         let mut bound = false;
         while !*shutdown.borrow() {
             let manifest = slot.current().manifest.clone();
@@ -294,12 +295,8 @@ impl Dispatch {
                     consumer
                 }
                 Err(error) => {
-                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry, "consumer not ready");
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(5));
+                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
+                    retry.pause(&mut shutdown).await;
                     continue;
                 }
             };
@@ -319,12 +316,12 @@ impl Dispatch {
             let mut messages = match messages {
                 Ok(messages) => messages,
                 Err(error) => {
-                    warn!(handler = %manifest.name, partition, %error, "cannot pull");
-                    tokio::time::sleep(retry).await;
+                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "cannot pull");
+                    retry.pause(&mut shutdown).await;
                     continue;
                 }
             };
-            retry = Duration::from_millis(200);
+            retry.reset();
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => return,
@@ -340,10 +337,7 @@ impl Dispatch {
             }
             // A pull that keeps failing while NATS answers (a consumer
             // deleted by hand, say) must not spin: pause before re-pulling.
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
-                _ = shutdown.changed() => {}
-            }
+            retry.wait(&mut shutdown).await;
         }
     }
 

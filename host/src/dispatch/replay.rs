@@ -11,7 +11,7 @@
 //! Either way the replay is written to `HOOK_AUDIT`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -22,6 +22,7 @@ use crate::audit::{self, Action, AuditRecord, DeadLetterRef};
 use crate::dlq::entry::{self, Failure};
 use crate::dlq::replay::{self, ReplayAnswer, ReplayOutcome, ReplayRequest};
 use crate::dlq::{DlqReason, park, store};
+use crate::retry::Retry;
 
 impl Dispatch {
     /// Answers replay requests for `slot`'s handler until `shutdown`.
@@ -33,7 +34,7 @@ impl Dispatch {
         let handler = slot.current().manifest.name.clone();
         let client = self.js.client();
         let subject = replay::subject(&handler);
-        let mut retry = Duration::from_millis(200);
+        let mut retry = Retry::default();
         while !*shutdown.borrow() {
             let mut requests = match client
                 .queue_subscribe(subject.clone(), replay::QUEUE_GROUP.to_string())
@@ -41,12 +42,8 @@ impl Dispatch {
             {
                 Ok(requests) => requests,
                 Err(error) => {
-                    warn!(%handler, %error, "cannot listen for replays");
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(5));
+                    warn!(%handler, %error, retry_in = ?retry.delay(), "cannot listen for replays");
+                    retry.pause(&mut shutdown).await;
                     continue;
                 }
             };

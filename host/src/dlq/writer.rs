@@ -19,6 +19,7 @@ use super::entry::{self, Failure, Original};
 use super::{ADVISORIES_STREAM, DlqError, DlqReason, WRITER_CONSUMER, handler_of_consumer};
 use crate::dispatch::{AttemptRecord, Reason, attempts};
 use crate::metrics::Metrics;
+use crate::retry::Retry;
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
 
 /// A JetStream consumer advisory, the fields hookmesh reads.
@@ -94,7 +95,7 @@ pub fn failure(
 
 /// Runs the writer until `shutdown` turns true.
 pub async fn run(js: jetstream::Context, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
-    let mut retry = Duration::from_millis(200);
+    let mut retry = Retry::default();
     while !*shutdown.borrow() {
         let started = async {
             let attempts = js
@@ -116,16 +117,12 @@ pub async fn run(js: jetstream::Context, metrics: Metrics, mut shutdown: watch::
         let (attempts, mut messages) = match started {
             Ok(started) => started,
             Err(error) => {
-                warn!(%error, retry_in = ?retry, "dead-letter writer not ready");
-                tokio::select! {
-                    _ = tokio::time::sleep(retry) => {}
-                    _ = shutdown.changed() => {}
-                }
-                retry = (retry * 2).min(Duration::from_secs(5));
+                warn!(%error, retry_in = ?retry.delay(), "dead-letter writer not ready");
+                retry.pause(&mut shutdown).await;
                 continue;
             }
         };
-        retry = Duration::from_millis(200);
+        retry.reset();
         info!("dead-letter writer started");
         loop {
             tokio::select! {
@@ -140,10 +137,7 @@ pub async fn run(js: jetstream::Context, metrics: Metrics, mut shutdown: watch::
                 },
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(retry) => {}
-            _ = shutdown.changed() => {}
-        }
+        retry.wait(&mut shutdown).await;
     }
 }
 
