@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The largest `concurrency` a manifest may ask for.
+pub const MAX_CONCURRENCY: u32 = 1024;
+
 /// The file name the loader looks for.
 pub const MANIFEST_FILE: &str = "handler.toml";
 
@@ -64,6 +67,11 @@ pub struct Manifest {
     /// Retry delays.
     #[serde(default)]
     pub backoff: Backoff,
+    /// Events of this handler in flight per host, across distinct entities
+    /// (one entity's events always run one at a time): 1 to
+    /// [`MAX_CONCURRENCY`].
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: u32,
     /// What the entity's later events do once one of its events is a dead
     /// letter: go on (`continue`) or wait until it is replayed or purged
     /// (`park`).
@@ -144,6 +152,9 @@ mod defaults {
     pub fn max_deliver() -> i64 {
         10
     }
+    pub fn concurrency() -> u32 {
+        64
+    }
     pub fn ack_wait() -> Duration {
         Duration::from_secs(30)
     }
@@ -206,6 +217,12 @@ impl Manifest {
         partition_filter(&self.subject, 0).map_err(|e| format!("subject: {e}"))?;
         if self.max_deliver < 1 {
             return Err("max_deliver: must be at least 1".into());
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(format!(
+                "concurrency: must be 1 to {MAX_CONCURRENCY} (events in flight per host), not {}",
+                self.concurrency
+            ));
         }
         if self.timeout < Duration::from_millis(1) {
             return Err("timeout: must be at least 1ms".into());
@@ -432,6 +449,7 @@ erp_prefix = "SO-"
             )
         );
         assert!(!m.sandbox.clock && m.sandbox.env.is_empty());
+        assert_eq!(m.concurrency, 64);
     }
 
     #[test]
@@ -477,6 +495,14 @@ erp_prefix = "SO-"
             (
                 "name = \"x\"\nsubject = \"crm.>\"\nmemory = \"lots\"",
                 "\"lots\" is not a size like \"64MiB\", \"512KiB\" or \"1GiB\"",
+            ),
+            (
+                "name = \"x\"\nsubject = \"crm.>\"\nconcurrency = 0",
+                "concurrency: must be 1 to 1024 (events in flight per host), not 0",
+            ),
+            (
+                "name = \"x\"\nsubject = \"crm.>\"\nconcurrency = 2000",
+                "concurrency: must be 1 to 1024 (events in flight per host), not 2000",
             ),
             (
                 "name = \"x\"\nsubject = \"crm.>\"\nbogus = 1",

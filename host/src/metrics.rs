@@ -82,6 +82,7 @@ struct Inner {
     dlq_depth: Family<HandlerOnly, Gauge>,
     dlq_oldest_seconds: Family<HandlerOnly, Gauge>,
     handler_version: Family<VersionLabel, Gauge>,
+    partitions_owned: Family<HandlerOnly, Gauge>,
 }
 
 impl Default for Metrics {
@@ -119,6 +120,12 @@ impl Default for Metrics {
             "handler_version",
             "1 for the version of each handler this host runs new events on",
             handler_version.clone(),
+        );
+        let partitions_owned = Family::<HandlerOnly, Gauge>::default();
+        registry.register(
+            "partitions_owned",
+            "Partitions of each handler this host works now",
+            partitions_owned.clone(),
         );
         registry.register(
             "events_handled",
@@ -169,6 +176,7 @@ impl Default for Metrics {
                 dlq_depth,
                 dlq_oldest_seconds,
                 handler_version,
+                partitions_owned,
             }),
         }
     }
@@ -230,7 +238,17 @@ impl Metrics {
         self.inner.dead_letters.get_or_create(&label).inc();
     }
 
-    /// Sets a handler's DLQ depth and the age of its oldest entry.
+    /// Sets how many partitions of `handler` this host works.
+    pub fn partitions_owned(&self, handler: &str, owned: usize) {
+        self.inner
+            .partitions_owned
+            .get_or_create(&HandlerOnly {
+                handler: handler.to_string(),
+            })
+            .set(i64::try_from(owned).unwrap_or(i64::MAX));
+    }
+
+    /// Sets a handler's DLQ depth and oldest age.
     pub fn dlq_gauges(&self, handler: &str, depth: u64, oldest: Duration) {
         let label = HandlerOnly {
             handler: handler.to_string(),

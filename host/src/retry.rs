@@ -36,7 +36,8 @@ impl Retry {
         self.grow();
     }
 
-    fn grow(&mut self) {
+    /// Doubles the pause (at most 5 s) without waiting.
+    pub fn grow(&mut self) {
         self.delay = (self.delay * 2).min(LONGEST);
     }
 

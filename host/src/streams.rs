@@ -28,6 +28,9 @@ pub const STATE_BUCKET: &str = "hook_state";
 pub const MAPPINGS_BUCKET: &str = "hook_mappings";
 /// The KV bucket of delivery attempt records.
 pub const ATTEMPTS_BUCKET: &str = "hook_attempts";
+/// The KV bucket of partition ownership: which host works which handler
+/// partition.
+pub const LEASES_BUCKET: &str = "hook_leases";
 /// The KV bucket of handler deployments (key = handler name, history =
 /// versions).
 pub const HANDLERS_BUCKET: &str = "hook_handlers";
@@ -53,6 +56,10 @@ const DEFINITIONS: &[(&str, &str)] = &[
     (
         "KV_hook_attempts.json",
         include_str!("../../nats/streams/KV_hook_attempts.json"),
+    ),
+    (
+        "KV_hook_leases.json",
+        include_str!("../../nats/streams/KV_hook_leases.json"),
     ),
     (
         "KV_hook_handlers.json",

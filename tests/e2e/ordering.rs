@@ -166,6 +166,8 @@ async fn two_hosts_at_once_keep_every_entitys_order() {
         },
     )
     .await;
+    // Both take part once the partitions are spread over them.
+    wait_partitions_shared(&[&a, &b], "recorder", 16).await;
     for n in 0..PER_ENTITY {
         for e in 0..ENTITIES {
             // Every third event fails once first; ingest alternates hosts.
@@ -210,4 +212,125 @@ async fn two_hosts_at_once_keep_every_entitys_order() {
         on_a > 0 && on_b > 0,
         "both hosts took part: {on_a} + {on_b}"
     );
+}
+
+/// `n` entity ids on the partition of `entity`.
+fn neighbours(entity: &str, n: usize) -> Vec<String> {
+    let p = partition("crm", "order", entity, 16);
+    (0..)
+        .map(|i| format!("N{i}"))
+        .filter(|e| partition("crm", "order", e, 16) == p)
+        .take(n)
+        .collect()
+}
+
+/// Waits (at most `limit`) until every one of `entities` recorded one event.
+async fn all_recorded(js: &jetstream::Context, entities: &[String], limit: Duration, what: &str) {
+    wait_for(limit, what, || async {
+        for e in entities {
+            if seen(js, e).await.is_empty() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_entity_in_a_long_backoff_holds_back_no_other_entity_of_its_partition() {
+    let nats = NatsServer::start().expect("nats");
+    let mut manifest = recorder(1000);
+    manifest.backoff.max = Duration::from_secs(300);
+    let host = TestHost::start_with(
+        &nats,
+        Options {
+            handlers: vec![manifest],
+            ..Options::default()
+        },
+    )
+    .await;
+    let js = jetstream(&nats).await;
+    let failing = "ORD-FAILING";
+    let others = neighbours(failing, 200);
+    // Fails attempts 1–4: waits of ≈1 s, 2 s and 4 s in hand, then ≈8 s
+    // with the entity held; attempt 5 succeeds.
+    host.send("crm", event(failing, 4), "f-1").await;
+    host.send("crm", event(failing, 0), "f-2").await;
+    for (n, e) in others[..100].iter().enumerate() {
+        assert_eq!(
+            host.send("crm", event(e, 0), &format!("o-{n}"))
+                .await
+                .status,
+            202
+        );
+    }
+    all_recorded(
+        &js,
+        &others[..100],
+        Duration::from_secs(2),
+        "100 entities of the failing entity's partition, within 2 s",
+    )
+    .await;
+    assert!(seen(&js, failing).await.is_empty(), "f-1 is still failing");
+
+    // Once its backoff is long, the entity is held: its events wait as
+    // sequences in its record, acked, and new ones join them.
+    let attempts = js.get_key_value("hook_attempts").await.expect("bucket");
+    let key = format!("park.recorder.crm.order.{failing}");
+    wait_for(
+        Duration::from_secs(20),
+        "the failing entity is held",
+        || async {
+            attempts
+                .get(&key)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+                .is_some_and(|r| r["retry_at"].is_u64())
+        },
+    )
+    .await;
+    host.send("crm", event(failing, 0), "f-3").await;
+    for (n, e) in others[100..].iter().enumerate() {
+        host.send("crm", event(e, 0), &format!("o-{}", n + 100))
+            .await;
+    }
+    all_recorded(
+        &js,
+        &others[100..],
+        Duration::from_secs(2),
+        "100 more entities while the failing one is held, within 2 s",
+    )
+    .await;
+    let record: serde_json::Value =
+        serde_json::from_slice(&attempts.get(&key).await.expect("get").expect("record"))
+            .expect("json");
+    assert_eq!(
+        record["waiting"].as_array().map(Vec::len),
+        Some(3),
+        "f-1, f-2 and f-3 wait in the record: {record}"
+    );
+
+    wait_for(
+        Duration::from_secs(30),
+        "the failing entity done",
+        || async { seen(&js, failing).await.len() == 3 },
+    )
+    .await;
+    assert_eq!(seen(&js, failing).await, ["f-1", "f-2", "f-3"]);
+    let failed = hookmesh::dispatch::attempt_record(&js, "recorder", 1)
+        .await
+        .expect("read")
+        .expect("f-1's attempts");
+    assert_eq!(
+        failed.attempts, 4,
+        "four failed attempts, the fifth succeeded"
+    );
+    wait_for(Duration::from_secs(5), "the hold record gone", || async {
+        attempts.get(&key).await.ok().flatten().is_none()
+    })
+    .await;
+    host.shutdown().await.expect("stop");
 }

@@ -30,6 +30,7 @@ async fn apply_creates_then_changes_nothing_then_updates_what_differs() {
             ("KV_hook_state".to_string(), Outcome::Created),
             ("KV_hook_mappings".to_string(), Outcome::Created),
             ("KV_hook_attempts".to_string(), Outcome::Created),
+            ("KV_hook_leases".to_string(), Outcome::Created),
             ("KV_hook_handlers".to_string(), Outcome::Created),
             ("OBJ_hook_handlers".to_string(), Outcome::Created),
             ("HOOK_ADVISORIES".to_string(), Outcome::Created),

@@ -152,6 +152,13 @@ impl TestHost {
 
     /// Starts a host without waiting for readiness.
     pub async fn spawn(nats_url: &str, options: Options) -> TestHost {
+        // `E2E_LOG=info` (or any filter) shows the hosts' logs.
+        if let Ok(filter) = std::env::var("E2E_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let config = Config::from_toml(
             &config_toml(nats_url, &options),
             Origin::Builtin,
@@ -215,6 +222,12 @@ impl TestHost {
             Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
             Err(_) => (0, String::new()),
         }
+    }
+
+    /// How many partitions of `handler` this host works now (its
+    /// `hookmesh_partitions_owned` gauge).
+    pub async fn owned(&self, handler: &str) -> u64 {
+        owned_in(&self.get("/metrics").await.1, handler)
     }
 
     /// Signs `body` as `provider` would (with `id` as the event id when the
@@ -303,6 +316,31 @@ pub async fn stored_count(js: &jetstream::Context) -> u64 {
         .expect("stream info")
         .state
         .messages
+}
+
+/// The `hookmesh_partitions_owned` gauge of `handler` in a metrics text.
+pub fn owned_in(metrics: &str, handler: &str) -> u64 {
+    let prefix = format!("hookmesh_partitions_owned{{handler=\"{handler}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `hosts` share all `partitions` of `handler`, each some.
+pub async fn wait_partitions_shared(hosts: &[&TestHost], handler: &str, partitions: u64) {
+    wait_for(
+        Duration::from_secs(30),
+        "the hosts share the partitions",
+        || async {
+            let mut owned = Vec::new();
+            for host in hosts {
+                owned.push(host.owned(handler).await);
+            }
+            owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == partitions
+        },
+    )
+    .await;
 }
 
 /// Polls `check` until it holds or `limit` passes (then panics with `what`).
@@ -452,7 +490,10 @@ impl LoggedProcess {
         let child = Command::new(hookmesh_bin())
             .args(args)
             .current_dir(dir)
-            .env("HOOKMESH_LOG", "info")
+            .env(
+                "HOOKMESH_LOG",
+                std::env::var("E2E_HOST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("HOOKMESH_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -501,6 +542,13 @@ impl LoggedProcess {
 impl Drop for LoggedProcess {
     fn drop(&mut self) {
         self.kill();
+        // `E2E_KEEP_LOGS=DIR` keeps each process's log there.
+        if let Some(dir) = std::env::var_os("E2E_KEEP_LOGS")
+            && let Some(name) = self.log.file_name()
+        {
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&self.log, std::path::Path::new(&dir).join(name));
+        }
     }
 }
 

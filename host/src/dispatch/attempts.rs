@@ -75,36 +75,64 @@ pub struct Failure<'a> {
     pub reason: Reason,
 }
 
-/// Adds a failure to the event's record (creating it on the first).
-/// One delivery of an event is in flight per handler at a time (the
-/// consumer's `max_ack_pending = 1`), so read-modify-write does not race.
+/// Adds a failure to the event's record (creating it on the first), with
+/// compare-and-set on the record's revision: a replay, a drainer and a
+/// partition owner may write an event's record, and none loses another's
+/// count.
 pub async fn record(bucket: &kv::Store, failure: Failure<'_>) -> Result<AttemptRecord, String> {
     let key = key(failure.handler, failure.stream_seq);
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    let previous: Option<AttemptRecord> = bucket
-        .get(&key)
-        .await
-        .map_err(|e| e.to_string())?
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-    let record = AttemptRecord {
-        handler: failure.handler.to_string(),
-        handler_version: failure.handler_version.to_string(),
-        stream_seq: failure.stream_seq,
-        subject: failure.subject.to_string(),
-        attempts: previous.as_ref().map_or(0, |p| p.attempts) + 1,
-        last_delivery: failure.delivery,
-        last_error: failure.error.to_string(),
-        reason: failure.reason,
-        first_failure: previous.map_or_else(|| now.clone(), |p| p.first_failure),
-        last_failure: now,
-        resolved: None,
-    };
-    let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
-    bucket
-        .put(&key, Bytes::from(value))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(record)
+    for _ in 0..16 {
+        let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let entry = bucket.entry(&key).await.map_err(|e| e.to_string())?;
+        let (previous, revision) = match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let previous: AttemptRecord = serde_json::from_slice(&entry.value)
+                    .map_err(|e| format!("attempt record {key} is unreadable: {e}"))?;
+                (Some(previous), Some(entry.revision))
+            }
+            Some(entry) => (None, Some(entry.revision)),
+            None => (None, None),
+        };
+        let record = AttemptRecord {
+            handler: failure.handler.to_string(),
+            handler_version: failure.handler_version.to_string(),
+            stream_seq: failure.stream_seq,
+            subject: failure.subject.to_string(),
+            attempts: previous.as_ref().map_or(0, |p| p.attempts) + 1,
+            last_delivery: failure.delivery,
+            last_error: failure.error.to_string(),
+            reason: failure.reason,
+            first_failure: previous.map_or_else(|| now.clone(), |p| p.first_failure),
+            last_failure: now,
+            resolved: None,
+        };
+        let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
+        let written = match revision {
+            Some(revision) => bucket
+                .update(&key, value, revision)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+            None => bucket.create(&key, value).await.map(drop).map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            }),
+        };
+        match written {
+            Ok(()) => return Ok(record),
+            // Written by someone else since it was read: again.
+            Err((true, _)) => continue,
+            Err((false, message)) => return Err(message),
+        }
+    }
+    Err(format!("attempt record {key}: too many concurrent changes"))
 }
 
 /// Reads an event's record.

@@ -1,16 +1,20 @@
-//! Releasing parked entities: once no dead letter holds a parked entity
-//! (replayed or purged), one host takes a lease on its park record and
-//! runs the waiting events in stream order, each with the handler's usual
-//! retries; an event that fails for good becomes a dead letter and parks
-//! the entity again. See [`crate::dlq::park`].
+//! Running held entities again: once nothing holds an entity any more — its
+//! backoff is over, or the dead letter it was parked behind was replayed
+//! or purged — one host takes a lease on its record and runs the waiting
+//! events in stream order, each with the handler's usual retries (a long
+//! backoff holds the entity again, its lease given up); an event that fails
+//! for good becomes a dead letter and, for a parking handler, parks the
+//! entity again. See [`crate::dlq::park`].
 //!
-//! Every host running a parking handler watches that handler's park
-//! records, so a release made anywhere — a replay on another host, a purge
-//! from the CLI — is picked up; the lease (renewed after each event) keeps
-//! two hosts from running the same entity, and an abandoned lease expires.
+//! Every host running a handler watches that handler's records, so a
+//! release made anywhere — a replay on another host, a purge from the CLI,
+//! a backoff that ran out — is picked up; the lease (renewed while an event
+//! runs) keeps two hosts from running the same entity, and an abandoned
+//! lease expires. Entities drain concurrently, within the handler's
+//! `concurrency`.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv::Operation;
@@ -19,7 +23,9 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::ownership::now_ms;
 use super::replay::dlq_reason;
+use super::settle::{Outcome, Policy, Settle};
 use super::{Dispatch, HandlerSlot, Reason, attempts, event, version_of};
 use crate::dlq::entry::{self, Original};
 use crate::dlq::park::{self, ParkRecord};
@@ -29,15 +35,22 @@ use crate::retry::Retry;
 use crate::runtime::Prepared;
 use crate::streams::EVENTS_STREAM;
 
-/// How often leases are looked at again (an abandoned one expires).
-const RECHECK: Duration = Duration::from_secs(2);
+/// How often records are looked at again (a backoff ran out, an abandoned
+/// lease expired).
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// How running one waiting event ended.
 enum Ran {
     /// It succeeded.
     Handled,
-    /// It failed for good and is a dead letter now.
+    /// It failed for good and is a dead letter now; the entity stays
+    /// parked behind it.
     DeadLetter,
+    /// It failed for good and is a dead letter now; the entity goes on
+    /// (`on_dead_letter = "continue"`).
+    DeadLetterGoOn,
+    /// It waits out a long backoff until then (Unix milliseconds).
+    Deferred(u64),
     /// It is gone from `HOOK_EVENTS` (aged out).
     Gone,
     /// The host is stopping, or NATS failed; try again later.
@@ -58,6 +71,9 @@ impl Dispatch {
         // again quickly may have two on this host for a moment.
         let holder = format!("{}:{}", self.host_id, uuid::Uuid::now_v7().simple());
         let mut retry = Retry::default();
+        // Entities being drained here (each by its own task).
+        let draining: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let mut drains = tokio::task::JoinSet::new();
         while !*shutdown.borrow() {
             let mut records = match self.attempts.watch_with_history(&filter).await {
                 Ok(records) => records,
@@ -72,7 +88,7 @@ impl Dispatch {
             let mut recheck = tokio::time::interval(RECHECK);
             loop {
                 tokio::select! {
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.changed() => break,
                     next = records.next() => {
                         let Some(Ok(entry)) = next else {
                             // Interrupted: watch again, after a pause.
@@ -90,19 +106,39 @@ impl Dispatch {
                     _ = recheck.tick() => {}
                 }
                 let now = SystemTime::now();
-                let ready: Vec<String> = known
-                    .iter()
-                    .filter(|(_, record)| record.drainable(now))
-                    .map(|(key, _)| key.clone())
-                    .collect();
+                let ready: Vec<String> = {
+                    let draining = draining.lock().unwrap_or_else(|e| e.into_inner());
+                    known
+                        .iter()
+                        .filter(|(key, record)| record.drainable(now) && !draining.contains(*key))
+                        .map(|(key, _)| key.clone())
+                        .collect()
+                };
                 for key in ready {
                     if *shutdown.borrow() {
                         return;
                     }
-                    self.drain(&slot, &key, &holder, &shutdown).await;
+                    draining
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone());
+                    let dispatch = self.clone();
+                    let slot = slot.clone();
+                    let holder = holder.clone();
+                    let stop = shutdown.clone();
+                    let draining = draining.clone();
+                    drains.spawn(async move {
+                        dispatch.drain(&slot, &key, &holder, &stop).await;
+                        draining
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key);
+                    });
                 }
+                while drains.try_join_next().is_some() {}
             }
         }
+        while drains.join_next().await.is_some() {}
     }
 
     /// Runs the waiting events of one released entity, holding its lease.
@@ -132,7 +168,7 @@ impl Dispatch {
             let prepared = slot.ready(lease / 3).await;
             // The lease is renewed while the event runs (its retries may
             // take far longer than one lease); losing it stops this run.
-            let run = self.run_parked(&prepared, stream_seq, shutdown);
+            let run = self.run_parked(slot, &prepared, stream_seq, shutdown);
             tokio::pin!(run);
             let mut renew = tokio::time::interval(lease / 3);
             renew.tick().await;
@@ -148,7 +184,7 @@ impl Dispatch {
                 }
             };
             match ran {
-                Ran::Handled | Ran::Gone => {
+                Ran::Handled | Ran::Gone | Ran::DeadLetterGoOn => {
                     match park::finished(&self.attempts, key, holder, stream_seq, lease).await {
                         Ok(Some(next)) => record = next,
                         Ok(None) => return,
@@ -165,6 +201,12 @@ impl Dispatch {
                     }
                     return;
                 }
+                Ran::Deferred(retry_at) => {
+                    if let Err(error) = park::defer(&self.attempts, key, holder, retry_at).await {
+                        warn!(%key, %error, "backoff not recorded; the lease expires and the event runs again");
+                    }
+                    return;
+                }
                 Ran::Interrupted => {
                     let _ = park::give_up_lease(&self.attempts, key, holder).await;
                     return;
@@ -176,6 +218,7 @@ impl Dispatch {
     /// Runs the stored event `stream_seq` with the manifest's retries.
     async fn run_parked(
         &self,
+        slot: &HandlerSlot,
         prepared: &Arc<Prepared>,
         stream_seq: u64,
         shutdown: &watch::Receiver<bool>,
@@ -199,8 +242,18 @@ impl Dispatch {
                 return Ran::Interrupted;
             }
         };
-        let max = u64::try_from(manifest.max_deliver).unwrap_or(1).max(1);
-        for attempt in 1..=max {
+        let policy = Policy {
+            max_attempts: u64::try_from(manifest.max_deliver).unwrap_or(1).max(1),
+            backoff: &manifest.backoff,
+            on_dead_letter: manifest.on_dead_letter,
+        };
+        // Attempts made before the entity was held count (a long backoff
+        // held it); a dead letter that was replayed starts afresh.
+        let mut attempt = match attempts::read(&self.attempts, &manifest.name, stream_seq).await {
+            Ok(Some(record)) if record.resolved.is_none() => record.attempts + 1,
+            _ => 1,
+        };
+        loop {
             let input = match event::input_from(
                 &original.subject,
                 Some(&original.headers),
@@ -216,7 +269,7 @@ impl Dispatch {
                 }
             };
             let span = info_span!(
-                "handle_parked",
+                "handle_held",
                 handler = %manifest.name,
                 version = %version,
                 correlation_id = %input.correlation_id,
@@ -224,14 +277,12 @@ impl Dispatch {
                 stream_seq,
                 attempt,
             );
+            let permit = slot.permit().await;
             let outcome = self.execute(prepared, input).instrument(span.clone()).await;
-            let _entered = span.enter();
+            drop(permit);
             let (reason, error) = match outcome {
                 Ok(emits) => {
-                    info!(
-                        emits,
-                        "handled after the dead letter ahead of it was resolved"
-                    );
+                    info!(parent: &span, emits, "handled after what held its entity was over");
                     // Its delivery was acked when it was queued; should that
                     // ack have been lost, the redelivery must not run it again.
                     if let Err(error) = attempts::resolve(
@@ -243,19 +294,29 @@ impl Dispatch {
                     )
                     .await
                     {
-                        warn!(%error, "not marked as run");
+                        warn!(parent: &span, %error, "not marked as run");
                     }
                     return Ran::Handled;
                 }
                 Err(failure) => failure,
             };
-            let last = attempt == max || matches!(reason, Reason::Permanent | Reason::NeedsHuman);
-            if last {
-                drop(_entered);
-                return self
-                    .dead_letter(prepared, &original, attempt, reason, &error)
-                    .await;
-            }
+            let outcome = Outcome::Failed {
+                reason,
+                retry_after: None,
+            };
+            let delay = match policy.decide(attempt, &outcome) {
+                Settle::DeadLetter { park } => {
+                    let ran = self
+                        .dead_letter(prepared, &original, attempt, reason, &error)
+                        .await;
+                    return match ran {
+                        Ran::DeadLetter if !park => Ran::DeadLetterGoOn,
+                        other => other,
+                    };
+                }
+                Settle::Ack => return Ran::Handled,
+                Settle::RetryHere { delay } | Settle::Hold { delay } => delay,
+            };
             let failure = attempts::Failure {
                 handler: &manifest.name,
                 handler_version: &version,
@@ -266,17 +327,22 @@ impl Dispatch {
                 reason,
             };
             if let Err(e) = attempts::record(&self.attempts, failure).await {
-                warn!(error = %e, "attempt not recorded");
+                warn!(parent: &span, error = %e, "attempt not recorded");
             }
-            let delay = manifest.backoff.delay(attempt);
-            info!(%error, ?reason, retry_in = ?delay, "failed; will retry");
+            if delay > super::settle::HOLD_AFTER {
+                info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; the entity waits out the backoff");
+                return Ran::Deferred(
+                    now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                );
+            }
+            info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; will retry");
             let mut stop = shutdown.clone();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.changed() => return Ran::Interrupted,
             }
+            attempt += 1;
         }
-        Ran::Interrupted
     }
 
     /// Records the last failure of a parked event and stores its dead letter.

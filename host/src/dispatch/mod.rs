@@ -1,44 +1,48 @@
-//! Running handlers from durable consumers: per handler and partition a
-//! pull consumer `handler_<name>_<partition>` on `HOOK_EVENTS` with
-//! `max_ack_pending = 1`, so the server itself hands out one event of a
-//! partition at a time, in stream order — retries included, across
-//! restarts and across hosts. That is the whole of per-entity ordering:
-//! nothing is reordered or locked in memory.
+//! Running handlers from durable consumers, one per handler and partition
+//! (`handler_<name>_<partition>` on `HOOK_EVENTS`), with per-entity order
+//! and entity isolation:
 //!
-//! The handler's result decides what happens to the event:
-//! - ok → publish its emits (deduplicated) → ack;
-//! - transient or trap → record the attempt → nak with backoff;
-//! - permanent or needs-human → record the attempt → term.
+//! - [`ownership`]: at most one host works a handler partition at a time;
+//!   partitions spread over the live hosts and move without reordering;
+//! - [`partition`]: the owner keeps a window of events in flight, runs
+//!   them concurrently across entities (at most the manifest's
+//!   `concurrency` per host) and one at a time per entity
+//!   ([`scheduler`]);
+//! - [`settle`]: what a finished attempt does — ack, retry in hand, hold
+//!   the entity for a long backoff, or dead letter (term);
+//! - `drain`: held entities (long backoffs, parked behind a dead letter)
+//!   run again from their records, the stream keeping the events.
 //!
 //! Dispatch knows nothing of HTTP.
 
 pub mod attempts;
 mod drain;
 mod event;
+pub mod ownership;
+mod partition;
 mod replay;
+pub mod scheduler;
 pub mod services;
+pub mod settle;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer, kv};
-use futures::StreamExt;
-use tokio::sync::watch;
+use async_nats::jetstream::{self, consumer, kv};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{debug, error, warn};
 
 pub use attempts::{AttemptRecord, Reason};
 pub use event::{input as event_input, input_from as event_input_from};
+pub use partition::{entity_of, window};
 
 use crate::dlq::park;
-use crate::manifest::{Manifest, OnDeadLetter, partition_filter};
+use crate::manifest::{Manifest, partition_filter};
 use crate::metrics::Metrics;
 use crate::retry::Retry;
 use crate::runtime::{EventInput, Prepared, Runtime, Services, Verdict};
-use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
-
-/// Messages asked for per pull request (see `run_partition`).
-const PULL_BATCH: usize = 100;
+use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM, LEASES_BUCKET};
 
 /// Why dispatch could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,19 +65,51 @@ pub enum DispatchError {
 /// on), so once any host knows of a version, events do not start on the
 /// old one there — which keeps the hosts of a cluster from running one
 /// entity's events on versions that go back and forth.
+///
+/// The slot also holds the handler's `concurrency` on this host: one
+/// permit per event running, across its partitions and its drainer.
 #[derive(Debug)]
 pub struct HandlerSlot {
     current: RwLock<Arc<Prepared>>,
     switching: watch::Sender<bool>,
+    permits: Arc<Semaphore>,
+    concurrency: std::sync::Mutex<u32>,
 }
 
 impl HandlerSlot {
     /// A slot holding `prepared`.
     pub fn new(prepared: Arc<Prepared>) -> Arc<Self> {
+        let concurrency = prepared.manifest.concurrency;
         Arc::new(HandlerSlot {
             current: RwLock::new(prepared),
             switching: watch::Sender::new(false),
+            permits: Arc::new(Semaphore::new(concurrency as usize)),
+            concurrency: std::sync::Mutex::new(concurrency),
         })
+    }
+
+    /// A permit to run one event (waits while `concurrency` events run).
+    pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Brings the permits to `concurrency` (a deploy changed it).
+    fn resize(&self, concurrency: u32) {
+        let mut current = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
+        if concurrency > *current {
+            self.permits.add_permits((concurrency - *current) as usize);
+        } else if concurrency < *current {
+            // Fewer from now on: permits in use are taken back as they
+            // are returned.
+            let excess = *current - concurrency;
+            let permits = self.permits.clone();
+            tokio::spawn(async move {
+                if let Ok(taken) = permits.acquire_many_owned(excess).await {
+                    taken.forget();
+                }
+            });
+        }
+        *current = concurrency;
     }
 
     /// The version new events run on.
@@ -111,6 +147,7 @@ impl HandlerSlot {
     /// Makes `prepared` the version for every later event (and ends a
     /// switch).
     pub fn swap(&self, prepared: Arc<Prepared>) -> Arc<Prepared> {
+        self.resize(prepared.manifest.concurrency);
         let previous = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
             prepared,
@@ -126,9 +163,10 @@ pub struct Dispatch {
     runtime: Arc<Runtime>,
     services: Arc<dyn Services>,
     attempts: kv::Store,
+    leases: kv::Store,
     partitions: u32,
     metrics: Metrics,
-    /// Names this process in park leases.
+    /// Names this process in partition and park leases.
     host_id: String,
 }
 
@@ -156,11 +194,19 @@ impl Dispatch {
                     what: format!("KV bucket {ATTEMPTS_BUCKET}"),
                     message: e.to_string(),
                 })?;
+        let leases = js
+            .get_key_value(LEASES_BUCKET)
+            .await
+            .map_err(|e| DispatchError::Nats {
+                what: format!("KV bucket {LEASES_BUCKET}"),
+                message: e.to_string(),
+            })?;
         Ok(Arc::new(Dispatch {
             js,
             runtime,
             services,
             attempts,
+            leases,
             partitions,
             metrics,
             host_id: format!(
@@ -182,10 +228,15 @@ impl Dispatch {
         &self.runtime
     }
 
-    /// Starts one worker per partition for `slot`, its replay service and
-    /// its park drainer (idle unless the handler parks; a deploy may turn
-    /// parking on) — until `shutdown` turns true; each finishes the event
-    /// in hand before it stops.
+    /// Names this host in partition and park leases.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// Starts `slot`'s handler here: its consumers, its share of the
+    /// partitions (see [`ownership`]), its replay service and its drainer
+    /// of held entities — until `shutdown` turns true; running events
+    /// finish and the partitions are handed over before it stops.
     pub fn spawn(
         self: &Arc<Self>,
         slot: Arc<HandlerSlot>,
@@ -194,12 +245,48 @@ impl Dispatch {
     ) {
         workers.spawn(self.clone().serve_replays(slot.clone(), shutdown.clone()));
         workers.spawn(self.clone().drain_parked(slot.clone(), shutdown.clone()));
+        workers.spawn(self.clone().own_partitions(slot, shutdown));
+    }
+
+    /// Makes the handler's consumers (or brings them up to its manifest),
+    /// then takes part in the ownership of its partitions.
+    async fn own_partitions(
+        self: Arc<Self>,
+        slot: Arc<HandlerSlot>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let manifest = slot.current().manifest.clone();
+        let mut retry = Retry::default();
         for partition in 0..self.partitions {
-            let dispatch = self.clone();
-            let slot = slot.clone();
-            let shutdown = shutdown.clone();
-            workers.spawn(async move { dispatch.run_partition(slot, partition, shutdown).await });
+            // Made once, when the handler starts here; later a deploy's
+            // activation updates them. Workers only bind: a consumer deleted
+            // on purpose (`handlers remove --delete-consumer`) must not come
+            // back replaying the stream from the start.
+            while let Err(error) = self.ensure_consumer(&manifest, partition).await {
+                warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
+                retry.pause(&mut shutdown).await;
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
         }
+        let name = manifest.name.clone();
+        let gauge_name = name.clone();
+        let ack_slot = slot.clone();
+        let metrics = self.metrics.clone();
+        let ownership = ownership::Ownership::new(
+            self.leases.clone(),
+            &name,
+            &self.host_id,
+            self.partitions,
+            move || ack_slot.current().manifest.ack_wait,
+            PartitionWorkers {
+                dispatch: self.clone(),
+                slot,
+            },
+            move |owned| metrics.partitions_owned(&gauge_name, owned),
+        );
+        ownership.run(shutdown).await;
     }
 
     /// The consumer config of a handler's partition.
@@ -218,8 +305,9 @@ impl Dispatch {
             deliver_policy: consumer::DeliverPolicy::All,
             max_deliver: manifest.max_deliver,
             ack_wait: manifest.ack_wait,
-            // The ordering guarantee: one event of a partition in flight.
-            max_ack_pending: 1,
+            // The window of events the owning host keeps in flight; order
+            // per entity is the owner's (see `partition`).
+            max_ack_pending: window(manifest),
             ..Default::default()
         })
     }
@@ -242,6 +330,14 @@ impl Dispatch {
             .get_stream(EVENTS_STREAM)
             .await
             .map_err(|e| nats(EVENTS_STREAM.to_string(), &e))?;
+        // A consumer already as the manifest wants it is left alone: an
+        // update is a write to the server's consumer state for nothing.
+        if let Ok(mut existing) = stream.get_consumer::<consumer::pull::Config>(&name).await
+            && let Ok(info) = existing.info().await
+            && same_settings(&info.config, &config)
+        {
+            return Ok(existing);
+        }
         stream
             .create_consumer(config)
             .await
@@ -249,7 +345,7 @@ impl Dispatch {
     }
 
     /// A handler's partition consumer as it is on the server.
-    async fn existing_consumer(
+    async fn ensure_bound(
         &self,
         manifest: &Manifest,
         partition: u32,
@@ -266,233 +362,6 @@ impl Dispatch {
             .get_consumer(&name)
             .await
             .map_err(|e| nats(format!("consumer {name}"), &e))
-    }
-
-    async fn run_partition(
-        self: Arc<Self>,
-        slot: Arc<HandlerSlot>,
-        partition: u32,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut retry = Retry::default();
-        let mut bound = false;
-        while !*shutdown.borrow() {
-            let manifest = slot.current().manifest.clone();
-            // The consumer is made (or brought up to the manifest) once, when
-            // the handler starts here; later a deploy's activation updates
-            // it. Re-pulling only binds to it: a host still on an older
-            // version must not write its config back, and a consumer deleted
-            // on purpose (`handlers remove --delete-consumer`) must not come
-            // back replaying the stream from the start.
-            let consumer = if bound {
-                self.existing_consumer(&manifest, partition).await
-            } else {
-                self.ensure_consumer(&manifest, partition).await
-            };
-            let consumer = match consumer {
-                Ok(consumer) => {
-                    bound = true;
-                    consumer
-                }
-                Err(error) => {
-                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
-                    retry.pause(&mut shutdown).await;
-                    continue;
-                }
-            };
-            // A pull request stays outstanding at all times: nats-server
-            // 2.9 only sends the MAX_DELIVERIES advisory of an ack timeout
-            // while one is waiting. It asks for many messages although
-            // `max_ack_pending = 1` lets only one through at a time: the
-            // server then pushes the next event the moment the previous one
-            // is acked, without a new pull request per event.
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(PULL_BATCH)
-                .expires(Duration::from_secs(30))
-                .heartbeat(Duration::from_secs(5))
-                .messages()
-                .await;
-            let mut messages = match messages {
-                Ok(messages) => messages,
-                Err(error) => {
-                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "cannot pull");
-                    retry.pause(&mut shutdown).await;
-                    continue;
-                }
-            };
-            retry.reset();
-            loop {
-                tokio::select! {
-                    _ = shutdown.changed() => return,
-                    next = messages.next() => match next {
-                        Some(Ok(message)) => self.handle(&slot, message).await,
-                        Some(Err(error)) => {
-                            debug!(handler = %manifest.name, partition, %error, "pull interrupted");
-                            break;
-                        }
-                        None => break,
-                    },
-                }
-            }
-            // A pull that keeps failing while NATS answers (a consumer
-            // deleted by hand, say) must not spin: pause before re-pulling.
-            retry.wait(&mut shutdown).await;
-        }
-    }
-
-    /// Handles one delivery and settles it (ack, nak or term).
-    async fn handle(&self, slot: &HandlerSlot, message: jetstream::Message) {
-        // Waiting for a version being switched to must leave time to finish
-        // well within ack_wait, or the server would hand the event out again.
-        let prepared = slot.ready(slot.current().manifest.ack_wait / 3).await;
-        let manifest = prepared.manifest.clone();
-        let version = version_of(&prepared);
-        let Ok(info) = message
-            .info()
-            .map(|i| (i.stream_sequence, i.delivered as u64))
-        else {
-            warn!(handler = %manifest.name, "delivery without JetStream metadata; terminated");
-            let _ = message.ack_with(AckKind::Term).await;
-            return;
-        };
-        let (stream_seq, delivery) = info;
-        let input = match event::input(&message, delivery) {
-            Ok(input) => input,
-            Err(error) => {
-                self.fail(
-                    &manifest.name,
-                    &version,
-                    &message,
-                    stream_seq,
-                    delivery,
-                    &error,
-                    Reason::Permanent,
-                )
-                .await;
-                if manifest.on_dead_letter == OnDeadLetter::Park
-                    && let Err(error) =
-                        park::hold(&self.attempts, &manifest.name, &message.subject, stream_seq)
-                            .await
-                {
-                    warn!(%error, "could not park the entity; its later events go on");
-                }
-                let _ = message.ack_with(AckKind::Term).await;
-                return;
-            }
-        };
-        let span = info_span!(
-            "handle",
-            handler = %manifest.name,
-            version = %version,
-            correlation_id = %input.correlation_id,
-            subject = %input.subject,
-            stream_seq,
-            attempt = delivery,
-        );
-        async {
-            if manifest.on_dead_letter == OnDeadLetter::Park {
-                // A redelivery of an event queued behind a parked entity (its
-                // ack was lost) that a drainer has run since: done already.
-                if delivery > 1
-                    && let Ok(Some(record)) = attempts::read(&self.attempts, &manifest.name, stream_seq).await
-                    && record.resolved.as_deref() == Some("ran-after-park")
-                {
-                    debug!("ran while its entity was released; acked");
-                    let _ = message.double_ack().await;
-                    return;
-                }
-                match self.parked(&message, &manifest, &input.subject, stream_seq).await {
-                    Some(park::Queued::Run) => {}
-                    Some(park::Queued::Waiting) => {
-                        info!("the entity is parked behind a dead letter; the event waits its turn");
-                        if let Err(error) = message.double_ack().await {
-                            warn!(%error, "ack not confirmed; the event is queued once all the same");
-                        }
-                        return;
-                    }
-                    Some(park::Queued::DeadLetter) => {
-                        // Its settling was lost after the entity was parked
-                        // behind it: terminate it now, so its dead letter is
-                        // written.
-                        let _ = message.ack_with(AckKind::Term).await;
-                        return;
-                    }
-                    None => {
-                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                        return;
-                    }
-                }
-            }
-            // The last delivery parks the entity before it runs: should the
-            // host die in it, the delivery times out into a dead letter
-            // with the entity already held behind it. Success lifts it.
-            let last_delivery = delivery >= u64::try_from(manifest.max_deliver).unwrap_or(u64::MAX);
-            let parks_first = last_delivery && manifest.on_dead_letter == OnDeadLetter::Park;
-            if parks_first
-                && let Err(error) = park::hold(&self.attempts, &manifest.name, &input.subject, stream_seq).await
-            {
-                warn!(%error, "could not park the entity ahead of the last delivery");
-            }
-            let subject = input.subject.clone();
-            let execution = self.execute(&prepared, input);
-            tokio::pin!(execution);
-            // Tell the server the event is still being worked on, so a long
-            // handler is not redelivered elsewhere meanwhile.
-            let mut progress = tokio::time::interval(manifest.ack_wait / 3);
-            progress.tick().await;
-            let outcome = loop {
-                tokio::select! {
-                    outcome = &mut execution => break outcome,
-                    _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
-                }
-            };
-            let (reason, error) = match outcome {
-                Ok(emits) => {
-                    if parks_first {
-                        self.lift_hold(&manifest.name, &subject, stream_seq).await;
-                    }
-                    if let Err(error) = message.double_ack().await {
-                        // The handler ran; the server will redeliver and
-                        // the handler must tolerate running twice.
-                        warn!(%error, "ack not confirmed");
-                    }
-                    debug!(emits, "handled");
-                    return;
-                }
-                Err(failure) => failure,
-            };
-            self.fail(&manifest.name, &version, &message, stream_seq, delivery, &error, reason)
-                .await;
-            let retries_left = delivery < u64::try_from(manifest.max_deliver).unwrap_or(u64::MAX);
-            let last = matches!(reason, Reason::Permanent | Reason::NeedsHuman) || !retries_left;
-            if last
-                && manifest.on_dead_letter == OnDeadLetter::Park
-                && let Err(error) = park::hold(&self.attempts, &manifest.name, &message.subject, stream_seq).await
-            {
-                warn!(%error, "could not park the entity; its later events go on");
-            }
-            let settle = match reason {
-                Reason::Transient | Reason::Trap => {
-                    let delay = manifest.backoff.delay(delivery);
-                    if retries_left {
-                        info!(%error, ?reason, retry_in = ?delay, "failed; will retry");
-                    } else {
-                        warn!(%error, ?reason, "failed on the last delivery; dead letter");
-                    }
-                    AckKind::Nak(Some(delay))
-                }
-                Reason::Permanent | Reason::NeedsHuman => {
-                    warn!(%error, ?reason, "failed; dead letter");
-                    AckKind::Term
-                }
-            };
-            if let Err(error) = message.ack_with(settle).await {
-                warn!(%error, "could not settle the delivery; the server redelivers after ack_wait");
-            }
-        }
-        .instrument(span)
-        .await;
     }
 
     /// Lifts the hold a last delivery placed before it ran, now that it
@@ -514,37 +383,6 @@ impl Dispatch {
             park_key = park::key(handler, subject).unwrap_or_default(),
             "the entity stays parked behind an event that succeeded; delete that park record to release it"
         );
-    }
-
-    /// Whether the event waits behind a parked entity. A NATS failure is
-    /// retried in place (with progress acks, so the delivery is neither
-    /// redelivered nor counted) for up to half the ack wait; `None` when it
-    /// still fails.
-    async fn parked(
-        &self,
-        message: &jetstream::Message,
-        manifest: &Manifest,
-        subject: &str,
-        stream_seq: u64,
-    ) -> Option<park::Queued> {
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match park::enqueue_if_parked(&self.attempts, &manifest.name, subject, stream_seq).await
-            {
-                Ok(queued) => return Some(queued),
-                Err(error) if started.elapsed() < manifest.ack_wait / 2 => {
-                    debug!(%error, retry_in = ?pause, "cannot tell whether the entity is parked yet");
-                    let _ = message.ack_with(AckKind::Progress).await;
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
-                Err(error) => {
-                    warn!(%error, "cannot tell whether the entity is parked; the event comes back later");
-                    return None;
-                }
-            }
-        }
     }
 
     /// Runs one event on `prepared` and, when it succeeds, publishes its
@@ -606,6 +444,37 @@ impl Dispatch {
         if let Err(e) = attempts::record(&self.attempts, failure).await {
             warn!(error = %e, "attempt not recorded");
         }
+    }
+}
+
+/// Whether a consumer on the server has the settings hookmesh gives it.
+fn same_settings(server: &consumer::Config, wanted: &consumer::pull::Config) -> bool {
+    server.filter_subject == wanted.filter_subject
+        && server.max_deliver == wanted.max_deliver
+        && server.ack_wait == wanted.ack_wait
+        && server.max_ack_pending == wanted.max_ack_pending
+        && server.description == wanted.description
+}
+
+/// Starts partition workers for [`ownership::Ownership`].
+struct PartitionWorkers {
+    dispatch: Arc<Dispatch>,
+    slot: Arc<HandlerSlot>,
+}
+
+impl ownership::StartWorker for PartitionWorkers {
+    fn start(
+        &self,
+        partition: u32,
+        fence: Arc<ownership::Fence>,
+        start_at: tokio::time::Instant,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.dispatch.clone().work_partition(
+            self.slot.clone(),
+            partition,
+            fence,
+            start_at,
+        ))
     }
 }
 

@@ -1,6 +1,13 @@
-//! Parking: with `on_dead_letter = "park"`, once an event of an entity is a
-//! dead letter, the entity's later events wait until it is replayed
-//! successfully or purged — and then run in order.
+//! Held entities: an entity whose events wait outside the partition
+//! owner's window, as sequences in a record, the stream keeping the events.
+//!
+//! An entity is held
+//! - while its failing event waits out a long backoff ([`hold_for_retry`]:
+//!   the record's `retry_at`), so the wait never fills the window of events
+//!   in flight and never delays another entity;
+//! - with `on_dead_letter = "park"`, once one of its events is a dead
+//!   letter: its later events wait until it is replayed successfully or
+//!   purged — and then run in order ([`hold`]).
 //!
 //! A parked entity has one record in the `hook_attempts` bucket, key
 //! `park.<handler>.<provider>.<domain>.<entity>`: the dead letters holding
@@ -39,6 +46,10 @@ pub struct ParkRecord {
     /// Until when (Unix milliseconds) its lease holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until: Option<u64>,
+    /// Not before (Unix milliseconds): the first waiting event failed and
+    /// waits out its backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
 }
 
 impl ParkRecord {
@@ -53,9 +64,15 @@ impl ParkRecord {
             && self.lease_until.is_some_and(|until| until > now_ms)
     }
 
-    /// Whether a drainer could take it now.
+    /// Whether a drainer could take it now: releasable, its backoff over,
+    /// and not leased to a live holder.
     pub fn drainable(&self, now: SystemTime) -> bool {
-        self.releasable() && !self.leased_to_other("", millis(now))
+        self.due(millis(now)) && !self.leased_to_other("", millis(now))
+    }
+
+    /// Releasable and past its `retry_at`.
+    fn due(&self, now_ms: u64) -> bool {
+        self.releasable() && self.retry_at.is_none_or(|at| at <= now_ms)
     }
 }
 
@@ -233,9 +250,61 @@ pub async fn enqueue_if_parked(
         }
         Some(record) if record.waiting.contains(&stream_seq) => Change::Keep(Queued::Waiting),
         Some(mut record) => {
-            record.waiting.push(stream_seq);
+            insert_sorted(&mut record.waiting, stream_seq);
             Change::Put(record, Queued::Waiting)
         }
+    })
+    .await
+}
+
+/// Inserts `seq` in stream order (once).
+fn insert_sorted(waiting: &mut Vec<u64>, seq: u64) {
+    if let Err(at) = waiting.binary_search(&seq) {
+        waiting.insert(at, seq);
+    }
+}
+
+/// Holds the entity of `subject` while its event `stream_seq` waits out a
+/// backoff until `retry_at` (Unix milliseconds): the event heads the
+/// waiting events, and a drainer runs it again once the time has come.
+pub async fn hold_for_retry(
+    bucket: &kv::Store,
+    handler: &str,
+    subject: &str,
+    stream_seq: u64,
+    retry_at: u64,
+) -> Result<(), DlqError> {
+    let Some(key) = key(handler, subject) else {
+        return Ok(());
+    };
+    modify(bucket, &key, |record| {
+        let mut record = record.unwrap_or_else(|| ParkRecord {
+            handler: handler.to_string(),
+            ..ParkRecord::default()
+        });
+        insert_sorted(&mut record.waiting, stream_seq);
+        record.retry_at = Some(retry_at);
+        Change::Put(record, ())
+    })
+    .await
+}
+
+/// The drainer holding `key`'s lease leaves the first waiting event to its
+/// backoff: the record waits until `retry_at`, and the lease ends.
+pub async fn defer(
+    bucket: &kv::Store,
+    key: &str,
+    holder: &str,
+    retry_at: u64,
+) -> Result<(), DlqError> {
+    modify(bucket, key, |record| match record {
+        Some(mut record) if record.lease_holder.as_deref() == Some(holder) => {
+            record.retry_at = Some(retry_at);
+            record.lease_holder = None;
+            record.lease_until = None;
+            Change::Put(record, ())
+        }
+        _ => Change::Keep(()),
     })
     .await
 }
@@ -277,7 +346,9 @@ pub async fn take_lease(
 ) -> Result<Option<ParkRecord>, DlqError> {
     let now = SystemTime::now();
     modify(bucket, key, |record| match record {
-        Some(mut record) if record.releasable() && !record.leased_to_other(holder, millis(now)) => {
+        Some(mut record)
+            if record.due(millis(now)) && !record.leased_to_other(holder, millis(now)) =>
+        {
             record.lease_holder = Some(holder.to_string());
             record.lease_until = Some(millis(now + lease));
             Change::Put(record.clone(), Some(record))
@@ -322,6 +393,7 @@ pub async fn finished(
         Some(record) if record.lease_holder.as_deref() != Some(holder) => Change::Keep(None),
         Some(mut record) => {
             record.waiting.retain(|&s| s != stream_seq);
+            record.retry_at = None;
             if record.waiting.is_empty() && record.dead_letters.is_empty() {
                 return Change::Delete(None);
             }
@@ -351,6 +423,7 @@ pub async fn failed(
             }
             record.lease_holder = None;
             record.lease_until = None;
+            record.retry_at = None;
             Change::Put(record, ())
         }
     })
@@ -400,5 +473,25 @@ mod tests {
         record.lease_until = Some(millis(SystemTime::now() + Duration::from_secs(60)));
         assert!(!record.drainable(SystemTime::now()));
         assert!(record.drainable(SystemTime::now() + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn a_held_entity_waits_out_its_backoff() {
+        let now = SystemTime::now();
+        let mut record = ParkRecord {
+            handler: "h".into(),
+            waiting: vec![4, 8],
+            retry_at: Some(millis(now + Duration::from_secs(30))),
+            ..ParkRecord::default()
+        };
+        assert!(!record.drainable(now));
+        assert!(record.drainable(now + Duration::from_secs(31)));
+        record.retry_at = None;
+        assert!(record.drainable(now));
+        let mut waiting = vec![3, 9];
+        insert_sorted(&mut waiting, 5);
+        insert_sorted(&mut waiting, 5);
+        insert_sorted(&mut waiting, 1);
+        assert_eq!(waiting, vec![1, 3, 5, 9]);
     }
 }

@@ -48,12 +48,16 @@ impl Advisory {
 }
 
 /// The reason of a dead letter from how it ended and its attempt record.
+/// The host terminates an event whose last attempt failed, so a
+/// terminated event whose last failure was transient ran out of attempts;
+/// one the server gave up on (every delivery timed out: hosts died in it)
+/// ran out of deliveries.
 pub fn reason(terminated: bool, record: Option<&AttemptRecord>) -> DlqReason {
     match (terminated, record.map(|r| r.reason)) {
         (true, Some(Reason::NeedsHuman)) => DlqReason::NeedsHuman,
-        (true, _) => DlqReason::Permanent,
-        (false, Some(Reason::Trap)) => DlqReason::Trap,
-        (false, _) => DlqReason::MaxDeliveries,
+        (true, Some(Reason::Permanent) | None) => DlqReason::Permanent,
+        (_, Some(Reason::Trap)) => DlqReason::Trap,
+        (true, Some(Reason::Transient)) | (false, _) => DlqReason::MaxDeliveries,
     }
 }
 
@@ -332,6 +336,16 @@ mod tests {
         );
         assert_eq!(reason(true, None), DlqReason::Permanent);
         assert_eq!(reason(false, Some(&record(Reason::Trap))), DlqReason::Trap);
+        assert_eq!(
+            reason(true, Some(&record(Reason::Trap))),
+            DlqReason::Trap,
+            "the last attempt trapped"
+        );
+        assert_eq!(
+            reason(true, Some(&record(Reason::Transient))),
+            DlqReason::MaxDeliveries,
+            "the last attempt failed transiently"
+        );
         assert_eq!(
             reason(false, Some(&record(Reason::Transient))),
             DlqReason::MaxDeliveries

@@ -47,6 +47,10 @@ pub const MAX_EMIT_BYTES: usize = 1 << 20;
 /// is refused): the pooling allocator reserves this per slot.
 pub const MAX_MEMORY: u64 = 512 << 20;
 
+/// Handler instances a host runs at once, across all handlers: the pooling
+/// allocator's slots. Invocations past it wait for a slot.
+pub const MAX_INSTANCES: u32 = 1024;
+
 /// Why a component cannot be run.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -198,6 +202,7 @@ pub struct Runtime {
     linker: Linker<Invocation>,
     cache: Option<cache::ArtifactCache>,
     ticker: Arc<AtomicBool>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -220,11 +225,13 @@ impl Runtime {
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Runtime, RuntimeError> {
         let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(256)
-            .total_core_instances(2048)
-            .total_memories(256)
-            .total_tables(1024)
-            .total_stacks(256)
+        // Sized for the largest `concurrency` sum a host runs (the slots
+        // reserve address space, not memory; pages are touched on use).
+        pool.total_component_instances(MAX_INSTANCES)
+            .total_core_instances(MAX_INSTANCES * 8)
+            .total_memories(MAX_INSTANCES)
+            .total_tables(MAX_INSTANCES * 4)
+            .total_stacks(MAX_INSTANCES)
             .max_memories_per_component(8)
             .max_tables_per_component(16)
             .max_core_instances_per_component(64)
@@ -265,6 +272,7 @@ impl Runtime {
             linker,
             cache,
             ticker,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_INSTANCES as usize)),
         })
     }
 
@@ -380,6 +388,8 @@ impl Runtime {
     ) -> Invoked {
         let started = Instant::now();
         let timeout = prepared.manifest.timeout;
+        // A pool slot; the semaphore is never closed.
+        let _slot = self.slots.acquire().await.ok();
         let mut store = self.store(prepared, services, event.correlation_id.clone());
         let input = to_wit(event);
         let run = async {

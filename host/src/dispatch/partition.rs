@@ -1,0 +1,696 @@
+//! The owner of one handler partition: pulls a window of events, runs
+//! them concurrently across entities and one at a time per entity
+//! ([`EntityQueues`]), and settles each by the [`settle`](super::settle)
+//! policy.
+//!
+//! An event's task runs the handler, retries short waits in hand (its
+//! delivery kept alive with progress acks), and holds the entity for long
+//! ones: the entity's events are then acked and wait as sequences in its
+//! hold record (see [`crate::dlq::park`]) for the drainer. Later events of
+//! a held entity join that record, so the window only ever holds events
+//! that can run soon.
+//!
+//! When the partition is handed over (or the lease lapses), the owner
+//! stops starting events, lets the running ones finish, and returns every
+//! other event to the server oldest first, with a nak the server confirms.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::ownership::{Fence, now_ms};
+use super::scheduler::EntityQueues;
+use super::settle::{Outcome, Policy, Settle};
+use super::{Dispatch, HandlerSlot, Reason, attempts, event, version_of};
+use crate::dlq::park;
+use crate::manifest::{Manifest, OnDeadLetter};
+use crate::retry::Retry;
+
+/// Events asked for per pull request at most.
+const PULL_MAX: usize = 256;
+
+/// How long a pull request waits for events.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+/// Entities remembered as not held, per partition; past it the memory is
+/// dropped (and rebuilt, one KV read per entity).
+const CLEAR_MEMORY: usize = 100_000;
+
+/// The events of a partition a host keeps unacked at most: the consumer's
+/// `max_ack_pending`.
+pub fn window(manifest: &Manifest) -> i64 {
+    i64::from(manifest.concurrency.saturating_mul(2)).clamp(64, 4096)
+}
+
+/// How an event's task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Acked or terminated; the entity goes on.
+    Settled,
+    /// The entity is held (backoff or parked); its later events join its
+    /// record.
+    Held,
+    /// To be returned to the server (handover).
+    Returned,
+}
+
+/// A finished task.
+struct Done {
+    entity: String,
+    end: End,
+    /// The event itself, when it goes back to the server (handover): the
+    /// owner returns it with the others, in order.
+    returned: Option<jetstream::Message>,
+}
+
+/// What the events of one partition share.
+struct Shared {
+    dispatch: Arc<Dispatch>,
+    slot: Arc<HandlerSlot>,
+    fence: Arc<Fence>,
+}
+
+impl Dispatch {
+    /// Works `partition` of `slot`'s handler from `start_at` until the
+    /// fence is lost, then hands its events back.
+    pub(super) async fn work_partition(
+        self: Arc<Self>,
+        slot: Arc<HandlerSlot>,
+        partition: u32,
+        fence: Arc<Fence>,
+        start_at: tokio::time::Instant,
+    ) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(start_at) => {}
+            _ = fence.lost() => return,
+        }
+        let shared = Arc::new(Shared {
+            dispatch: self.clone(),
+            slot: slot.clone(),
+            fence: fence.clone(),
+        });
+        let mut retry = Retry::default();
+        let consumer = loop {
+            let manifest = slot.current().manifest.clone();
+            match self.ensure_bound(&manifest, partition).await {
+                Ok(consumer) => break consumer,
+                Err(error) => {
+                    warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry.delay()) => retry.grow(),
+                        _ = fence.lost() => return,
+                    }
+                }
+            }
+        };
+        retry.reset();
+        let handler = slot.current().manifest.name.clone();
+        let mut queues: EntityQueues<jetstream::Message> = EntityQueues::default();
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut held: HashSet<String> = HashSet::new();
+        let mut clear: HashSet<String> = HashSet::new();
+        let mut batch: Option<jetstream::consumer::pull::Batch> = None;
+        let mut returned: Vec<jetstream::Message> = Vec::new();
+        let mut progress = tokio::time::interval(slot.current().manifest.ack_wait / 3);
+        progress.tick().await;
+        debug!(%handler, partition, "working the partition");
+        loop {
+            let manifest = slot.current().manifest.clone();
+            let room = usize::try_from(window(&manifest))
+                .unwrap_or(64)
+                .saturating_sub(tasks.len() + queues.waiting());
+            if batch.is_none() && room > 0 && fence.holds() {
+                match consumer
+                    .batch()
+                    .max_messages(room.min(PULL_MAX))
+                    .expires(PULL_EXPIRES)
+                    .messages()
+                    .await
+                {
+                    Ok(messages) => {
+                        retry.reset();
+                        batch = Some(messages);
+                    }
+                    Err(error) => {
+                        warn!(%handler, partition, %error, retry_in = ?retry.delay(), "cannot pull");
+                        tokio::select! {
+                            _ = tokio::time::sleep(retry.delay()) => retry.grow(),
+                            _ = fence.lost() => {}
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = fence.lost() => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    let Ok(mut done) = done else { continue };
+                    if let Some(message) = done.returned.take() {
+                        returned.push(message);
+                        continue;
+                    }
+                    self.finished(&shared, done, &mut queues, &mut tasks, &mut held, &mut clear);
+                }
+                next = next_message(&mut batch), if batch.is_some() => match next {
+                    Some(Ok(message)) => {
+                        let entity = entity_of(&message.subject);
+                        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        if let Some(message) = queues.offer(&entity, seq, message) {
+                            let check = !clear.contains(&entity);
+                            tasks.spawn(run_event(shared.clone(), message, entity, check));
+                        }
+                    }
+                    Some(Err(error)) => {
+                        debug!(%handler, partition, %error, "pull interrupted");
+                        batch = None;
+                    }
+                    None => batch = None,
+                },
+                _ = progress.tick() => {
+                    // Waiting events stay ours while their entity is busy.
+                    if fence.holds() {
+                        for message in queues.iter_waiting() {
+                            let _ = message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)), if batch.is_none() => {}
+            }
+        }
+        let max_deliver = slot.current().manifest.max_deliver;
+        self.hand_back(
+            &handler,
+            partition,
+            tasks,
+            queues,
+            batch,
+            returned,
+            max_deliver,
+        )
+        .await;
+    }
+
+    /// Settles the bookkeeping of a finished task and starts the entity's
+    /// next event.
+    fn finished(
+        &self,
+        shared: &Arc<Shared>,
+        done: Done,
+        queues: &mut EntityQueues<jetstream::Message>,
+        tasks: &mut JoinSet<Done>,
+        held: &mut HashSet<String>,
+        clear: &mut HashSet<String>,
+    ) {
+        let Done { entity, end, .. } = done;
+        match end {
+            End::Held => {
+                clear.remove(&entity);
+                held.insert(entity.clone());
+            }
+            End::Settled => {
+                held.remove(&entity);
+                if clear.len() >= CLEAR_MEMORY {
+                    clear.clear();
+                }
+                clear.insert(entity.clone());
+            }
+            End::Returned => {}
+        }
+        if let Some((_, next)) = queues.finish(&entity) {
+            // A held entity's next events join its record one by one.
+            let check = !clear.contains(&entity);
+            tasks.spawn(run_event(shared.clone(), next, entity, check));
+        }
+    }
+
+    /// The partition is no longer this host's: running events finish,
+    /// every other one goes back to the server in stream order — after the
+    /// open pull request has ended, so none comes straight back to it.
+    #[allow(clippy::too_many_arguments)]
+    async fn hand_back(
+        &self,
+        handler: &str,
+        partition: u32,
+        mut tasks: JoinSet<Done>,
+        mut queues: EntityQueues<jetstream::Message>,
+        batch: Option<jetstream::consumer::pull::Batch>,
+        mut back: Vec<jetstream::Message>,
+        max_deliver: i64,
+    ) {
+        // A pull request still open may deliver more: kept, not started.
+        let mut late = 0;
+        if let Some(mut batch) = batch {
+            while let Ok(Some(next)) = tokio::time::timeout(PULL_EXPIRES * 2, batch.next()).await {
+                if let Ok(message) = next {
+                    back.push(message);
+                    late += 1;
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Done {
+                returned: Some(message),
+                ..
+            }) = done
+            {
+                back.push(message);
+            }
+        }
+        back.extend(queues.take_all().into_iter().map(|(_, m)| m));
+        back.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(0));
+        // A nak counts as a delivery: an event the server would give up on
+        // after one more is not returned but held, with its entity's other
+        // events, for the drainer (in order, on whichever host).
+        let at_risk: HashSet<String> = back
+            .iter()
+            .filter(|m| m.info().is_ok_and(|i| i.delivered >= max_deliver))
+            .map(|m| entity_of(&m.subject))
+            .collect();
+        let (mut returned, mut held) = (0, 0);
+        for message in &back {
+            if at_risk.contains(&entity_of(&message.subject)) && self.rehome(handler, message).await
+            {
+                held += 1;
+            } else {
+                self.give_back(message).await;
+                returned += 1;
+            }
+        }
+        info!(%handler, partition, returned, held, late, "partition released");
+    }
+
+    /// Moves a delivery into its entity's hold record (due at once) and
+    /// acks it; `false` when the record could not be written.
+    async fn rehome(&self, handler: &str, message: &jetstream::Message) -> bool {
+        let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
+            return false;
+        };
+        match park::hold_for_retry(&self.attempts, handler, &message.subject, seq, now_ms()).await {
+            Ok(()) => {
+                let _ = message.double_ack().await;
+                true
+            }
+            Err(error) => {
+                warn!(%handler, stream_seq = seq, %error, "could not hold the event; it goes back to the server");
+                false
+            }
+        }
+    }
+
+    /// Returns a delivery to the server for immediate redelivery, waiting
+    /// for the server to confirm it.
+    pub(super) async fn give_back(&self, message: &jetstream::Message) {
+        if let Some(reply) = &message.reply {
+            let confirmed = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.js.client().request(reply.clone(), "-NAK".into()),
+            )
+            .await;
+            if matches!(confirmed, Ok(Ok(_))) {
+                return;
+            }
+        }
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// The next event of the open pull request.
+async fn next_message(
+    batch: &mut Option<jetstream::consumer::pull::Batch>,
+) -> Option<Result<jetstream::Message, async_nats::Error>> {
+    match batch {
+        Some(batch) => batch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The entity an event subject names: `<provider>.<domain>.<entity>` (the
+/// whole subject for one that is not an event's: it runs alone).
+pub fn entity_of(subject: &str) -> String {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    if tokens.len() >= 6 && tokens[0] == crate::subject::EVENT_PREFIX {
+        format!("{}.{}.{}", tokens[1], tokens[2], tokens[4])
+    } else {
+        subject.to_string()
+    }
+}
+
+/// Runs one event to its end: joins its entity's hold record if the
+/// entity is held (`check`), else runs the handler with its retries.
+async fn run_event(
+    shared: Arc<Shared>,
+    message: jetstream::Message,
+    entity: String,
+    check: bool,
+) -> Done {
+    let end = run(&shared, &message, check).await;
+    let returned = (end == End::Returned).then_some(message);
+    Done {
+        entity,
+        end,
+        returned,
+    }
+}
+
+async fn run(shared: &Shared, message: &jetstream::Message, check: bool) -> End {
+    let dispatch = &shared.dispatch;
+    let manifest = shared.slot.current().manifest.clone();
+    let Ok((stream_seq, delivery)) = message
+        .info()
+        .map(|i| (i.stream_sequence, i.delivered as u64))
+    else {
+        warn!(handler = %manifest.name, "delivery without JetStream metadata; terminated");
+        let _ = message.ack_with(AckKind::Term).await;
+        return End::Settled;
+    };
+    let span = info_span!(
+        "handle",
+        handler = %manifest.name,
+        subject = %message.subject,
+        stream_seq,
+        delivery,
+    );
+    async move {
+        if check && let Some(end) = joins_hold(shared, message, &manifest, stream_seq).await {
+            return end;
+        }
+        // What earlier deliveries did (a host that died, a lost ack).
+        let mut attempt = 1;
+        if delivery > 1 {
+            match attempts::read(&dispatch.attempts, &manifest.name, stream_seq).await {
+                Ok(Some(record)) if record.resolved.as_deref() == Some("ran-after-park") => {
+                    debug!("ran already while its entity was held; acked");
+                    let _ = message.double_ack().await;
+                    return End::Settled;
+                }
+                Ok(Some(record)) if record.resolved.is_none() => attempt = record.attempts + 1,
+                Ok(_) => {}
+                Err(error) => debug!(%error, "attempt record not read; counting from 1"),
+            }
+        }
+        attempts_loop(shared, message, stream_seq, delivery, attempt).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Whether the event's entity is held: then the event joins its record and
+/// is acked (`Some`). A NATS failure is retried while the partition is
+/// ours: the entity's later events wait behind this one meanwhile.
+async fn joins_hold(
+    shared: &Shared,
+    message: &jetstream::Message,
+    manifest: &Manifest,
+    stream_seq: u64,
+) -> Option<End> {
+    let dispatch = &shared.dispatch;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match park::enqueue_if_parked(
+            &dispatch.attempts,
+            &manifest.name,
+            &message.subject,
+            stream_seq,
+        )
+        .await
+        {
+            Ok(park::Queued::Run) => return None,
+            Ok(park::Queued::Waiting) => {
+                debug!("its entity is held; the event waits in the entity's record");
+                if let Err(error) = message.double_ack().await {
+                    warn!(%error, "ack not confirmed; the event is recorded as waiting all the same");
+                }
+                return Some(End::Held);
+            }
+            Ok(park::Queued::DeadLetter) => {
+                // Its settling was lost after the entity was parked behind
+                // it: terminate it now, so its dead letter is written.
+                let _ = message.ack_with(AckKind::Term).await;
+                return Some(End::Held);
+            }
+            Err(error) => {
+                if !shared.fence.holds() {
+                    return Some(End::Returned);
+                }
+                debug!(%error, retry_in = ?pause, "cannot tell whether the entity is held yet");
+                let _ = message.ack_with(AckKind::Progress).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Runs attempts of the event from `attempt` on until it is settled.
+async fn attempts_loop(
+    shared: &Shared,
+    message: &jetstream::Message,
+    stream_seq: u64,
+    delivery: u64,
+    mut attempt: u64,
+) -> End {
+    let dispatch = &shared.dispatch;
+    loop {
+        if !shared.fence.holds() {
+            return End::Returned;
+        }
+        let permit = shared.slot.permit().await;
+        // Waiting for a version being switched to must leave time to
+        // finish well within ack_wait.
+        let prepared = shared
+            .slot
+            .ready(shared.slot.current().manifest.ack_wait / 3)
+            .await;
+        let manifest = prepared.manifest.clone();
+        let version = version_of(&prepared);
+        let input = match event::input(message, attempt) {
+            Ok(input) => input,
+            Err(error) => {
+                drop(permit);
+                let policy = policy(&manifest);
+                dispatch
+                    .fail(
+                        &manifest.name,
+                        &version,
+                        message,
+                        stream_seq,
+                        attempt,
+                        &error,
+                        Reason::Permanent,
+                    )
+                    .await;
+                return dead_letter(
+                    shared,
+                    message,
+                    &manifest,
+                    stream_seq,
+                    policy.on_dead_letter == OnDeadLetter::Park,
+                )
+                .await;
+            }
+        };
+        let span = info_span!(
+            "invoke",
+            version = %version,
+            correlation_id = %input.correlation_id,
+            attempt,
+        );
+        // The server gives up after this delivery (hosts died in it
+        // before): a parking handler holds the entity before it runs, so
+        // a host dying in it still parks the entity.
+        let server_last = delivery >= u64::try_from(manifest.max_deliver).unwrap_or(u64::MAX);
+        let parks_first = server_last && manifest.on_dead_letter == OnDeadLetter::Park;
+        if parks_first
+            && let Err(error) = park::hold(
+                &dispatch.attempts,
+                &manifest.name,
+                &message.subject,
+                stream_seq,
+            )
+            .await
+        {
+            warn!(%error, "could not park the entity ahead of the last delivery");
+        }
+        let subject = message.subject.to_string();
+        let outcome = with_progress(message, &manifest, dispatch.execute(&prepared, input))
+            .instrument(span.clone())
+            .await;
+        drop(permit);
+        let (outcome, error) = match outcome {
+            Ok(emits) => {
+                if parks_first {
+                    dispatch
+                        .lift_hold(&manifest.name, &subject, stream_seq)
+                        .await;
+                }
+                if let Err(error) = message.double_ack().await {
+                    // The handler ran; the server will redeliver and the
+                    // handler must tolerate running twice.
+                    warn!(parent: &span, %error, "ack not confirmed");
+                }
+                debug!(parent: &span, emits, "handled");
+                return End::Settled;
+            }
+            Err((reason, error)) => (
+                Outcome::Failed {
+                    reason,
+                    retry_after: None,
+                },
+                (reason, error),
+            ),
+        };
+        let (reason, error) = error;
+        dispatch
+            .fail(
+                &manifest.name,
+                &version,
+                message,
+                stream_seq,
+                attempt,
+                &error,
+                reason,
+            )
+            .await;
+        match policy(&manifest).decide(attempt, &outcome) {
+            // Not for a failure; acked like a success should it ever be
+            // (its failure is in the attempt record).
+            Settle::Ack => {
+                let _ = message.double_ack().await;
+                return End::Settled;
+            }
+            Settle::RetryHere { delay } => {
+                info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; will retry");
+                if !wait_in_hand(shared, message, &manifest, delay).await {
+                    return End::Returned;
+                }
+                attempt += 1;
+            }
+            Settle::Hold { delay } => {
+                let retry_at = now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                match park::hold_for_retry(
+                    &dispatch.attempts,
+                    &manifest.name,
+                    &subject,
+                    stream_seq,
+                    retry_at,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; the entity waits out the backoff, other entities go on");
+                        if let Err(error) = message.double_ack().await {
+                            warn!(%error, "ack not confirmed; the event waits in its entity's record all the same");
+                        }
+                        return End::Held;
+                    }
+                    Err(hold_error) => {
+                        // Cannot hold: wait in hand instead (the window
+                        // keeps the event, nothing is lost).
+                        warn!(parent: &span, error = %hold_error, "could not hold the entity; the event waits in hand");
+                        if !wait_in_hand(shared, message, &manifest, delay).await {
+                            return End::Returned;
+                        }
+                        attempt += 1;
+                    }
+                }
+            }
+            Settle::DeadLetter { park } => {
+                warn!(parent: &span, %error, ?reason, attempt, "failed; dead letter");
+                return dead_letter(shared, message, &manifest, stream_seq, park).await;
+            }
+        }
+    }
+}
+
+/// The settle policy of `manifest`.
+fn policy(manifest: &Manifest) -> Policy<'_> {
+    Policy {
+        max_attempts: u64::try_from(manifest.max_deliver).unwrap_or(1).max(1),
+        backoff: &manifest.backoff,
+        on_dead_letter: manifest.on_dead_letter,
+    }
+}
+
+/// Terminates the delivery, so the server's advisory makes its dead letter;
+/// with `park` the entity is held behind it first.
+async fn dead_letter(
+    shared: &Shared,
+    message: &jetstream::Message,
+    manifest: &Manifest,
+    stream_seq: u64,
+    park: bool,
+) -> End {
+    if park
+        && let Err(error) = park::hold(
+            &shared.dispatch.attempts,
+            &manifest.name,
+            &message.subject,
+            stream_seq,
+        )
+        .await
+    {
+        warn!(%error, "could not park the entity; its later events go on");
+    }
+    if let Err(error) = message.ack_with(AckKind::Term).await {
+        warn!(%error, "could not terminate the delivery; the server redelivers after ack_wait");
+    }
+    if park { End::Held } else { End::Settled }
+}
+
+/// Runs `work`, telling the server meanwhile that the event is still being
+/// worked on, so a long handler is not redelivered elsewhere.
+async fn with_progress<T>(
+    message: &jetstream::Message,
+    manifest: &Manifest,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut progress = tokio::time::interval(manifest.ack_wait / 3);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
+        }
+    }
+}
+
+/// Waits `delay` with the delivery in hand; `false` when the partition was
+/// lost meanwhile.
+async fn wait_in_hand(
+    shared: &Shared,
+    message: &jetstream::Message,
+    manifest: &Manifest,
+    delay: Duration,
+) -> bool {
+    let wait = async {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shared.fence.lost() => false,
+        }
+    };
+    with_progress(message, manifest, wait).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entities_are_provider_domain_and_entity_token() {
+        assert_eq!(
+            entity_of("hook.crm.order.7.ORD-1.order.created"),
+            "crm.order.ORD-1"
+        );
+        assert_eq!(
+            entity_of("hook.crm.order.3.ORD-1.order.updated"),
+            "crm.order.ORD-1"
+        );
+        assert_eq!(entity_of("other.subject"), "other.subject");
+    }
+}
