@@ -166,6 +166,14 @@ fn events_description(partitions: u32) -> String {
     )
 }
 
+/// The partition count `HOOK_EVENTS` was made with (`None` when it does not
+/// say or cannot be read).
+pub async fn events_partitions(js: &jetstream::Context) -> Option<u32> {
+    let mut events = js.get_stream(EVENTS_STREAM).await.ok()?;
+    let info = events.info().await.ok()?;
+    described_partitions(info.config.description.as_deref())
+}
+
 /// Reads the partition count back from a description.
 fn described_partitions(description: Option<&str>) -> Option<u32> {
     description?

@@ -532,6 +532,25 @@ impl LoggedProcess {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it cleanly (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// How many partitions of `handler` it works now.
+    pub async fn owned(&self, handler: &str) -> u64 {
+        owned_in(&self.metrics().await, handler)
+    }
+
     /// Kills it at once (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -145,7 +145,10 @@ pub async fn handlers(config: &Config, command: HandlersCommand) -> anyhow::Resu
     let store = open(config).await?;
     match command {
         HandlersCommand::List => list(&store).await,
-        HandlersCommand::Show { name } => show(&store, &name).await,
+        HandlersCommand::Show { name } => {
+            show(&store, &name).await?;
+            show_owners(&store, &name, config.ingest.partitions).await
+        }
         HandlersCommand::Rollback { name, to, actor } => {
             let actor = audit::actor(actor.as_deref(), config);
             match store.rollback(&name, to.as_deref(), &actor).await? {
@@ -284,6 +287,59 @@ async fn show(store: &HandlerStore, name: &str) -> anyhow::Result<()> {
                 "removed".into(),
             ],
         });
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Prints which host works each partition of `name` (`hook_leases`).
+async fn show_owners(store: &HandlerStore, name: &str, configured: u32) -> anyhow::Result<()> {
+    let js = store.jetstream();
+    let partitions = crate::streams::events_partitions(js)
+        .await
+        .unwrap_or(configured);
+    let leases = js
+        .get_key_value(crate::streams::LEASES_BUCKET)
+        .await
+        .map_err(|e| anyhow::anyhow!("KV bucket {}: {e}", crate::streams::LEASES_BUCKET))?;
+    let owners = crate::dispatch::ownership::owners(&leases, name, partitions)
+        .await
+        .map_err(|e| anyhow::anyhow!("partition leases of {name}: {e}"))?;
+    let now = crate::dispatch::ownership::now_ms();
+    println!(
+        "\npartitions (owner from hook_leases {}.partition.<n>):",
+        crate::extract::kv_key(name)
+    );
+    let mut rows = vec![[
+        "PARTITION".to_string(),
+        "CONSUMER".into(),
+        "HOST".into(),
+        "LEASE".into(),
+    ]];
+    for (p, lease) in owners {
+        let (host, state) = match lease {
+            Some(lease) if lease.until > now => (
+                lease.host,
+                format!(
+                    "renewed, holds {:.1}s more",
+                    (lease.until - now) as f64 / 1000.0
+                ),
+            ),
+            Some(lease) => (
+                lease.host,
+                format!(
+                    "expired {:.1}s ago (host gone?)",
+                    (now - lease.until) as f64 / 1000.0
+                ),
+            ),
+            None => ("-".into(), "no owner".into()),
+        };
+        rows.push([
+            p.to_string(),
+            crate::manifest::consumer_name(name, p),
+            host,
+            state,
+        ]);
     }
     print_table(&rows);
     Ok(())

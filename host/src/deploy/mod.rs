@@ -261,6 +261,13 @@ pub struct HandlerStore {
     objects: object_store::ObjectStore,
 }
 
+impl HandlerStore {
+    /// The JetStream context the store works in.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
 impl std::fmt::Debug for HandlerStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HandlerStore").finish_non_exhaustive()
