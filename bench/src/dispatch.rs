@@ -122,6 +122,14 @@ pub struct Args {
     /// The longest each side may take to consume every message, in seconds.
     #[arg(long, default_value_t = 600)]
     pub limit_secs: u64,
+    /// A handler that takes this long per event (the `fixture_sleep`
+    /// component, like a handler waiting on an ERP) instead of the no-op;
+    /// the rate is then compared with the ideal `concurrency / latency`.
+    #[arg(long, default_value_t = 0)]
+    pub handler_ms: u64,
+    /// The handler's `concurrency` (events in flight per host).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
 }
 
 /// The JSON line: the figures scripts compare across runs.
@@ -192,6 +200,9 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
     ensure!(args.partitions > 0, "--partitions must be at least 1");
     ensure!(args.invocations > 0, "--invocations must be at least 1");
     let limit = Duration::from_secs(args.limit_secs.max(1));
+    if args.handler_ms > 0 {
+        return run_slow(args, limit).await;
+    }
 
     // Before anything starts: without the guest there is nothing to measure.
     let component = guest_path();
@@ -246,6 +257,72 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
         ratio: stats::round(ratio, 4),
         overhead_p50_us: stats::round(overhead.us(50.0), 1),
         overhead_p99_us: stats::round(overhead.us(99.0), 1),
+    })?;
+    Ok(Verdict::Clean)
+}
+
+/// The JSON line of the slow-handler variant.
+#[derive(Debug, Serialize)]
+struct SlowSummary {
+    scenario: &'static str,
+    handler_ms: u64,
+    concurrency: u32,
+    hookmesh_rate: f64,
+    ideal_rate: f64,
+    ratio_to_ideal: f64,
+    nats_cpu_us_per_event: Option<f64>,
+}
+
+/// `--handler-ms`: the host against a handler that takes a fixed time per
+/// event; the rate next to the ideal `concurrency / latency`.
+async fn run_slow(args: Args, limit: Duration) -> anyhow::Result<Verdict> {
+    let component = workspace().join("handlers/target/wasm32-wasip2/release/fixture_sleep.wasm");
+    if !component.is_file() {
+        bail!(
+            "{} is not built; run: cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml",
+            component.display()
+        );
+    }
+    let mut manifest = noop_manifest(&component)?;
+    manifest.sandbox.clock = true;
+    manifest.timeout = Duration::from_millis(args.handler_ms * 4 + 1000);
+    manifest.concurrency = args.concurrency;
+    manifest
+        .config
+        .insert("sleep_ms".into(), args.handler_ms.to_string());
+    manifest
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the bench's manifest: {e}"))?;
+    let server = crate::host::start_nats().await?;
+    let (hookmesh, detail) =
+        hookmesh_side(&server.url(), server.pid(), manifest, &args, limit).await?;
+    drop(server);
+    let ideal = f64::from(args.concurrency) / (args.handler_ms as f64 / 1000.0);
+    let rate = hookmesh.rate();
+    let nats_us = hookmesh
+        .cpu
+        .nats
+        .map(|s| s * 1e6 / hookmesh.messages.max(1) as f64);
+    println!(
+        "dispatch --handler-ms {} --concurrency {}: {} events, {} partitions, {} entities",
+        args.handler_ms, args.concurrency, args.messages, args.partitions, args.entities
+    );
+    println!(
+        "  hookmesh {rate:.0} events/s (host start included; first handled after {:.2} s), ideal {ideal:.0}/s, ratio {:.3}",
+        detail.first_handled.as_secs_f64(),
+        rate / ideal
+    );
+    if let Some(us) = nats_us {
+        println!("  nats-server CPU {us:.1} µs per event");
+    }
+    stats::print_json_line(&SlowSummary {
+        scenario: "dispatch-slow-handler",
+        handler_ms: args.handler_ms,
+        concurrency: args.concurrency,
+        hookmesh_rate: stats::round(rate, 1),
+        ideal_rate: stats::round(ideal, 1),
+        ratio_to_ideal: stats::round(rate / ideal, 4),
+        nats_cpu_us_per_event: nats_us.map(|u| stats::round(u, 1)),
     })?;
     Ok(Verdict::Clean)
 }
