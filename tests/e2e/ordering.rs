@@ -334,3 +334,83 @@ async fn a_failing_entity_in_a_long_backoff_holds_back_no_other_entity_of_its_pa
     .await;
     host.shutdown().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_entities_in_backoff_leave_the_window_to_five_hundred_healthy_ones() {
+    const EACH: usize = 500;
+    let nats = NatsServer::start().expect("nats");
+    let mut manifest = recorder(10_000);
+    manifest.backoff.max = Duration::from_secs(300);
+    // Four partitions of the smallest window (64): were waiting events kept
+    // in it, the ≈125 failing entities of each partition would fill it and
+    // the healthy ones could not start.
+    manifest.concurrency = 8;
+    let host = TestHost::start_with(
+        &nats,
+        Options {
+            handlers: vec![manifest],
+            partitions: 4,
+            ..Options::default()
+        },
+    )
+    .await;
+    let js = jetstream(&nats).await;
+    let failing: Vec<String> = (0..EACH).map(|e| format!("BAD-{e}")).collect();
+    let healthy: Vec<String> = (0..EACH).map(|e| format!("OK-{e}")).collect();
+    for (n, e) in failing.iter().enumerate() {
+        // Each fails for good within the test: a 10 s backoff holds it.
+        host.send("crm", event(e, 1000), &format!("bad-{n}")).await;
+    }
+    for (n, e) in healthy.iter().enumerate() {
+        host.send("crm", event(e, 0), &format!("ok-{n}")).await;
+    }
+    all_recorded(
+        &js,
+        &healthy,
+        Duration::from_secs(30),
+        "every healthy entity",
+    )
+    .await;
+    for e in failing.iter().take(20) {
+        assert!(seen(&js, e).await.is_empty(), "{e} is failing");
+    }
+    // Every failing entity waits in its record, not in the window: nothing
+    // of them is held unacked by the host.
+    let attempts = js.get_key_value("hook_attempts").await.expect("bucket");
+    wait_for(
+        Duration::from_secs(10),
+        "all failing entities held",
+        || async {
+            let mut held = 0;
+            for e in &failing {
+                if attempts
+                    .get(format!(
+                        "park.recorder.crm.order.{}",
+                        hookmesh::extract::kv_key(e)
+                    ))
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    held += 1;
+                }
+            }
+            held == EACH
+        },
+    )
+    .await;
+    let events = js.get_stream("HOOK_EVENTS").await.expect("stream");
+    let mut unacked = 0;
+    for p in 0..4 {
+        let mut consumer = events
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&format!(
+                "handler_recorder_{p}"
+            ))
+            .await
+            .expect("consumer");
+        unacked += consumer.info().await.expect("info").num_ack_pending;
+    }
+    assert_eq!(unacked, 0, "no failing event occupies the window");
+    host.shutdown().await.expect("stop");
+}
