@@ -391,9 +391,22 @@ async fn a_dead_letter_is_written_even_when_no_host_ran_at_the_advisory_and_park
     )
     .await;
 
-    // The host is inside the one delivery when it dies: no attempt is ever
-    // settled, and no host is left to hear the advisory.
+    // The host is inside the one delivery when it dies — it has parked the
+    // entity ahead of running it: no attempt is ever settled, and no host is
+    // left to hear the advisory.
+    let held_key = park::key(
+        "stuck",
+        answer["subject"].as_str().expect("the event's subject"),
+    )
+    .expect("key");
+    let attempts_bucket = js.get_key_value("hook_attempts").await.expect("bucket");
     wait_for(Duration::from_secs(20), "the delivery in hand", || async {
+        if !park::read(&attempts_bucket, &held_key)
+            .await
+            .is_ok_and(|(record, _)| record.is_some())
+        {
+            return false;
+        }
         {
             let stream = events(&js).await;
             let mut names = stream.consumer_names();

@@ -107,14 +107,11 @@ impl Services for NatsServices {
             self.state
                 .delete_expect_revision(state_key(handler, key), expected)
                 .await
-                .map_err(|e| {
-                    // The client reports the server's "wrong last sequence"
-                    // only as text.
-                    if e.to_string().contains("wrong last sequence") {
-                        StateFailure::StaleRevision
-                    } else {
-                        unavailable(e)
-                    }
+                .map_err(|e| match e.kind() {
+                    // A delete is an update: the server's wrong last
+                    // sequence comes back as a wrong revision.
+                    kv::UpdateErrorKind::WrongLastRevision => StateFailure::StaleRevision,
+                    _ => unavailable(e),
                 })
         })
     }

@@ -153,8 +153,12 @@ async fn modify<T>(
                         .update(key, value, revision)
                         .await
                         .map(drop)
-                        .map_err(describe),
-                    None => bucket.create(key, value).await.map(drop).map_err(describe),
+                        .map_err(|e| Written::of_update(&e)),
+                    None => bucket
+                        .create(key, value)
+                        .await
+                        .map(drop)
+                        .map_err(|e| Written::of_create(&e)),
                 };
                 written.map(|()| result)
             }
@@ -162,13 +166,13 @@ async fn modify<T>(
                 .delete_expect_revision(key, revision)
                 .await
                 .map(|()| result)
-                .map_err(describe),
+                .map_err(|e| Written::of_update(&e)),
         };
         match written {
             Ok(result) => return Ok(result),
             // Another writer changed the record since it was read: again.
-            Err((detail, _)) if is_conflict(&detail) => continue,
-            Err((_, message)) => {
+            Err(Written::Conflict) => continue,
+            Err(Written::Failed(message)) => {
                 return Err(DlqError::Nats {
                     what: format!("park record {key}"),
                     message,
@@ -182,18 +186,29 @@ async fn modify<T>(
     })
 }
 
-/// A write error's full chain (for [`is_conflict`]) and its message.
-fn describe<E: std::fmt::Debug + std::fmt::Display>(e: E) -> (String, String) {
-    (format!("{e:?}"), e.to_string())
+/// Why a compare-and-set write did not land.
+enum Written {
+    /// The record changed since it was read.
+    Conflict,
+    /// NATS failed.
+    Failed(String),
 }
 
-/// Whether a KV write failed because the record changed since it was read.
-fn is_conflict(message: &str) -> bool {
-    let message = message.to_ascii_lowercase();
-    message.contains("wrong last sequence")
-        || message.contains("key already exists")
-        || message.contains("already exists")
-        || message.contains("wrong last revision")
+impl Written {
+    /// An update or delete (a delete is an update in KV).
+    fn of_update(e: &kv::UpdateError) -> Written {
+        match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => Written::Conflict,
+            _ => Written::Failed(e.to_string()),
+        }
+    }
+
+    fn of_create(e: &kv::CreateError) -> Written {
+        match e.kind() {
+            kv::CreateErrorKind::AlreadyExists => Written::Conflict,
+            _ => Written::Failed(e.to_string()),
+        }
+    }
 }
 
 /// Parks the entity of `subject` behind its dead letter `stream_seq`.
