@@ -402,6 +402,51 @@ async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go
 }
 
 #[tokio::test]
+async fn the_manifests_memory_cap_is_the_one_that_stops_a_guest() {
+    // The same guest asks for 48 MiB (far below the host's pool limit):
+    // under a 32 MiB manifest cap it traps, under 64 MiB it succeeds.
+    let nats = NatsServer::start().expect("nats");
+    let hog = |name: &str, memory_mib: u64| {
+        let mut m = manifest(name, "fixture_memory_hog", "crm.hog.>");
+        m.memory = memory_mib << 20;
+        m.max_deliver = 1;
+        m.config.insert("mib".into(), "48".into());
+        m
+    };
+    let host = host_with(&nats, vec![hog("capped", 32), hog("roomy", 64)]).await;
+    let js = jetstream(&nats).await;
+    let body = serde_json::to_vec(&json!({"type": "hog.go", "data": {"id": "M-1"}})).expect("json");
+    let seq = host.send("crm", body, "m-1").await.json["stream_seq"]
+        .as_u64()
+        .expect("seq");
+    wait_for(
+        Duration::from_secs(20),
+        "48 MiB held under 64 MiB",
+        || async { messages(&js, "hook.roomy.").await.len() == 1 },
+    )
+    .await;
+    assert_eq!(messages(&js, "hook.roomy.").await[0].1, json!(48));
+    assert!(
+        attempt(&js, "roomy", seq).await.is_none(),
+        "no failed attempt"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the capped attempt failed",
+        || async { attempt(&js, "capped", seq).await.is_some() },
+    )
+    .await;
+    let record = attempt(&js, "capped", seq).await.expect("record");
+    assert_eq!(
+        record.reason,
+        hookmesh::dispatch::Reason::Trap,
+        "{record:?}"
+    );
+    assert!(messages(&js, "hook.capped.").await.is_empty());
+    host.shutdown().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn a_flaky_handler_succeeds_on_retry_and_emits_once_even_when_run_again() {
     let nats = NatsServer::start().expect("nats");
     let flaky = manifest("flaky", "fixture_flaky", "crm.order.>");
