@@ -15,8 +15,9 @@
 //!   host's `/metrics` shows `hookmesh_handler_version{handler,version} 1`
 //!   for the new version, polled every [`POLL`]. Per round the slowest
 //!   host counts.
-//! - **baseline**: from a bare `kv.put` returning until a `kv.watch` on
-//!   the same bucket yields it: the floor any follower built on the bucket
+//! - **baseline**: from a bare `kv.put` to `hook_handlers` (the bucket a
+//!   deploy writes and every host follows) returning until a `kv.watch` on
+//!   that bucket yields it: the floor any follower built on the bucket
 //!   pays.
 
 use std::time::{Duration, Instant};
@@ -163,7 +164,7 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
         all_hosts.push(all);
     }
     progress("baseline: bare KV put → watch");
-    let baseline = kv_watch_baseline(&js, args.rounds).await?;
+    let baseline = kv_watch_baseline(&js, &examples[0].manifest.name, args.rounds).await?;
 
     let _ = stop.send(true);
     for host in hosts {
@@ -274,27 +275,35 @@ async fn land(
     Ok((first, all))
 }
 
-/// `rounds` bare KV puts, each timed until a watch on the bucket yields it.
+/// `rounds` bare KV puts to the bucket deploys write (`hook_handlers`),
+/// each timed until a watch on that bucket yields it. Each put writes the
+/// current deployment entry of `handler` back unchanged: the same bucket,
+/// key and value size a deploy writes, and a no-op for the running hosts
+/// (they already run that version), so the baseline neither disturbs them
+/// nor leaves anything behind.
 async fn kv_watch_baseline(
     js: &async_nats::jetstream::Context,
+    handler: &str,
     rounds: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let kv = js
-        .get_key_value(hookmesh::streams::STATE_BUCKET)
+        .get_key_value(hookmesh::streams::HANDLERS_BUCKET)
         .await
         .context("the handlers bucket")?;
-    let mut watch = kv.watch("bench-baseline").await.context("watch")?;
+    let entry = kv
+        .get(handler)
+        .await
+        .context("reading the deployment entry")?
+        .with_context(|| format!("{handler} is not deployed"))?;
+    let mut watch = kv.watch(handler).await.context("watch")?;
     let mut times = Vec::with_capacity(rounds);
     for i in 0..rounds {
-        kv.put("bench-baseline", i.to_string().into())
-            .await
-            .context("put")?;
+        kv.put(handler, entry.clone()).await.context("put")?;
         let put = Instant::now();
         match tokio::time::timeout(LAND_LIMIT, watch.next()).await {
             Ok(Some(Ok(_))) => times.push(put.elapsed()),
             _ => bail!("the watch did not yield put {i}"),
         }
     }
-    kv.purge("bench-baseline").await.context("purge")?;
     Ok(times)
 }

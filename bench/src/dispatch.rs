@@ -9,18 +9,23 @@
 //! - **baseline**: one durable pull consumer on a stream of its own
 //!   (`BENCH_DISPATCH`, file storage) with a large `max_ack_pending`;
 //!   batches of [`BASELINE_BATCH`] pulled continuously, every message acked
-//!   (a plain ack, no confirmation). Timed from the first pull until the
-//!   last ack is flushed.
+//!   (a plain ack, no confirmation), the messages carrying the headers
+//!   hookmesh's events carry. Timed from the first pull until the server
+//!   confirms the last ack (the consumer has nothing pending or awaiting
+//!   an ack), polled every [`ACKED_POLL`].
 //! - **hookmesh**: the events on real `HOOK_EVENTS` subjects (provider
 //!   `bench`, domain `load`, `--entities` entities over `--partitions`
 //!   partitions) with the headers the host writes; then the real host, in
 //!   process, with one handler: the `fixture_noop` component on
 //!   `bench.load.>`. Timed from just before `server::run` (so the host's own
 //!   start — component load, NATS connect, streams, 16 consumers — is
-//!   included, nothing subtracted) until its `/metrics` count
-//!   `hookmesh_events_handled_total{handler="noop",outcome="ok"}` reaches
-//!   `--messages`. The time to the first handled event and the steady rate
-//!   after it are reported beside.
+//!   included, nothing subtracted) until the server confirms the last ack,
+//!   as on the baseline: once `/metrics` counts
+//!   `hookmesh_events_handled_total{handler="noop",outcome="ok"}` at
+//!   `--messages` (counted before the emits and the ack), every partition
+//!   consumer is polled every [`ACKED_POLL`] until none has anything
+//!   pending or awaiting an ack. The time to the first handled event and
+//!   the steady rate after it are reported beside.
 //!
 //! Then, without NATS, the per-event runtime overhead: `Runtime::invoke` of
 //! the same component with [`MemoryServices`], sequentially, reporting the
@@ -599,9 +604,15 @@ async fn baseline(
     publish_all(
         &js,
         (0..args.messages).map(|i| {
+            // The headers hookmesh's events carry, so both sides move the
+            // same bytes.
+            let mut headers = HeaderMap::new();
+            for (name, value) in event_headers(i, &format!("E{}", i % args.entities)) {
+                headers.insert(name, value.as_str());
+            }
             (
                 format!("{BASELINE_SUBJECT}.{}", i % partitions),
-                HeaderMap::new(),
+                headers,
                 payload(i, i % args.entities, size),
             )
         }),
@@ -651,9 +662,10 @@ async fn baseline(
                 .map_err(|e| anyhow::anyhow!("acking: {e}"))?;
             acked += 1;
         }
-        // The acks are on their way once flushed; the check below confirms
-        // the server took every one of them.
         client.flush().await.context("flushing the acks")?;
+        // The clock stops where hookmesh's does: the server confirms
+        // every ack.
+        wait_all_acked(&stream, &[BASELINE_CONSUMER.to_string()]).await?;
         anyhow::Ok(())
     })
     .await;
@@ -668,31 +680,17 @@ async fn baseline(
     }
     eprintln!("hookmesh-bench: timed baseline (fetch + ack)");
 
-    // Untimed: every ack arrived.
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let info = stream
-            .consumer_info(BASELINE_CONSUMER)
-            .await
-            .context("reading the baseline consumer")?;
-        if info.num_ack_pending == 0 && info.num_pending == 0 {
-            ensure!(
-                info.ack_floor.stream_sequence == args.messages as u64,
-                "the baseline consumer's ack floor is {} after {} acks",
-                info.ack_floor.stream_sequence,
-                args.messages
-            );
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the baseline consumer still has {} unacknowledged and {} pending after {SETTLE_TIMEOUT:?}",
-                info.num_ack_pending,
-                info.num_pending
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Untimed: the ack floor is at the last message.
+    let info = stream
+        .consumer_info(BASELINE_CONSUMER)
+        .await
+        .context("reading the baseline consumer")?;
+    ensure!(
+        info.ack_floor.stream_sequence == args.messages as u64,
+        "the baseline consumer's ack floor is {} after {} acks",
+        info.ack_floor.stream_sequence,
+        args.messages
+    );
     // Idle from here on, and its stream gone from the server's disk work.
     drop(consumer);
     js.delete_stream(BASELINE_STREAM)
@@ -708,6 +706,40 @@ async fn baseline(
         },
         version,
     ))
+}
+
+/// How often both sides poll the server, once their last event is done
+/// locally, for the confirmation that every ack arrived.
+const ACKED_POLL: Duration = Duration::from_millis(5);
+
+/// Polls `consumers` of `stream` until every one has nothing pending and
+/// nothing awaiting an ack: the point where both sides stop their clock
+/// (the last ack confirmed by the server). Returns the summed
+/// redeliveries the consumers report.
+async fn wait_all_acked(
+    stream: &jetstream::stream::Stream,
+    consumers: &[String],
+) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let mut open = 0u64;
+        let mut redelivered = 0;
+        for name in consumers {
+            let info = stream
+                .consumer_info(name)
+                .await
+                .with_context(|| format!("reading consumer {name}"))?;
+            open += info.num_pending + info.num_ack_pending as u64;
+            redelivered += info.num_redelivered;
+        }
+        if open == 0 {
+            return Ok(redelivered);
+        }
+        if Instant::now() > deadline {
+            bail!("{open} messages are still pending or unacknowledged after {SETTLE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(ACKED_POLL).await;
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -831,7 +863,7 @@ async fn hookmesh_side(
         .context("building the HTTP client")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 
-    eprintln!("hookmesh-bench: timing hookmesh (host start → all handled)");
+    eprintln!("hookmesh-bench: timing hookmesh (host start → last ack confirmed)");
     let cpu = CpuMark::now(nats_pid);
     let started = Instant::now();
     let mut host = tokio::spawn(hookmesh::server::run(
@@ -848,11 +880,18 @@ async fn hookmesh_side(
         },
     ));
 
+    let events = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .with_context(|| format!("opening {EVENTS_STREAM}"))?;
+    let consumers: Vec<String> = (0..args.partitions)
+        .map(|partition| hookmesh::manifest::consumer_name(HANDLER, partition))
+        .collect();
     let target = args.messages as u64;
     let mut first: Option<(Duration, u64)> = None;
     let mut last = HandlerFigures::default();
     let mut progressed = Instant::now();
-    let end = loop {
+    let (end, redelivered) = loop {
         // Fine polls while the start and the end are being timed, coarse
         // ones in between, so the poller costs the host next to nothing.
         let interval = if first.is_none() || last.ok * 20 >= target * 19 {
@@ -885,7 +924,11 @@ async fn hookmesh_side(
             last = figures;
         }
         if last.ok >= target {
-            break started.elapsed();
+            // Handled is counted before the emits and the ack: the clock
+            // stops, as the baseline's does, once the server confirms
+            // every ack.
+            let redelivered = wait_all_acked(&events, &consumers).await?;
+            break (started.elapsed(), redelivered);
         }
         if started.elapsed() > limit {
             bail!(
@@ -901,41 +944,12 @@ async fn hookmesh_side(
         }
     };
     let cpu = CpuMark::now(nats_pid).since(cpu);
-    eprintln!("hookmesh-bench: timed hookmesh (host start → all handled)");
+    eprintln!("hookmesh-bench: timed hookmesh (host start → last ack confirmed)");
     ensure!(
         last.ok == target,
         "the host handled {} events, {target} were stored (some twice?)",
         last.ok
     );
-
-    // Untimed: every partition consumer shows every event acknowledged.
-    let events = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .with_context(|| format!("opening {EVENTS_STREAM}"))?;
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    let redelivered = loop {
-        let mut open = 0u64;
-        let mut redelivered = 0;
-        for partition in 0..args.partitions {
-            let name = hookmesh::manifest::consumer_name(HANDLER, partition);
-            let info = events
-                .consumer_info(&name)
-                .await
-                .with_context(|| format!("reading consumer {name}"))?;
-            open += info.num_pending + info.num_ack_pending as u64;
-            redelivered += info.num_redelivered;
-        }
-        if open == 0 {
-            break redelivered;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{open} events are still pending or unacknowledged {SETTLE_TIMEOUT:?} after all were handled"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
 
     let _ = stop.send(());
     match tokio::time::timeout(STOP_TIMEOUT, host).await {
@@ -1289,7 +1303,7 @@ fn print_table(
         );
     }
     println!(
-        "hookmesh timing: from just before server::run (component load, NATS connect, streams, consumers included) until /metrics counted every event handled ok; first handled event after {:.3} s; in-host invoke mean {}; redeliveries {}",
+        "hookmesh timing: from just before server::run (component load, NATS connect, streams, consumers included) until the server confirmed the last ack (as on the baseline); first handled event after {:.3} s; in-host invoke mean {}; redeliveries {}",
         detail.first_handled.as_secs_f64(),
         detail.invoke_mean.map_or("-".to_string(), |d| format!(
             "{:.1} µs",

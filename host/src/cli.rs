@@ -212,7 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::Result<()> {
     if config.origin == Origin::Builtin {
         warn!(
             "using the built-in development config: provider `crm` (standard-webhooks) signs with the PUBLIC secret \
@@ -222,6 +222,10 @@ async fn up(config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::
     let url = config.nats.urls.first().context("nats.url is empty")?;
     let workdir = std::env::current_dir().context("working directory")?;
     let local_nats = local::ensure(url, &workdir).await?;
+    if let Some(nats) = &local_nats {
+        // Its port may be one it picked itself.
+        config.nats.urls = vec![nats.url().to_string()];
+    }
     let listener = bind(&config).await?;
     let address = listener.local_addr()?;
     info!(

@@ -44,13 +44,16 @@ pub enum LocalError {
 pub struct LocalNats {
     child: Child,
     log: PathBuf,
+    url: String,
 }
 
 /// Starts a local server unless something already answers on `url`.
-/// `workdir/.hookmesh/` holds its config, store and log.
+/// `workdir/.hookmesh/` holds its config, store and log. Port 0 lets the
+/// server pick a free port itself (no bind-then-release race); the
+/// started server's [`LocalNats::url`] names the one it took.
 pub async fn ensure(url: &str, workdir: &Path) -> Result<Option<LocalNats>, LocalError> {
     let (host, port) = host_port(url)?;
-    if answers(&host, port).await {
+    if port != 0 && answers(&host, port).await {
         return Ok(None);
     }
     if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1" | "[::1]") {
@@ -68,10 +71,15 @@ pub async fn ensure(url: &str, workdir: &Path) -> Result<Option<LocalNats>, Loca
     let store = dir.join("nats");
     // max_payload leaves room for a 1 MiB webhook (hookmesh's default
     // limit) plus its headers; the server's own default is exactly 1 MiB.
+    // Port -1 is nats-server's "pick one".
+    let listen_port = if port == 0 { -1 } else { i32::from(port) };
     let text = format!(
-        "listen: \"{host}:{port}\"\nserver_name: hookmesh-dev\nmax_payload: 2MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+        "host: \"{}\"\nport: {listen_port}\nserver_name: hookmesh-dev\nmax_payload: 2MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+        host.trim_start_matches('[').trim_end_matches(']'),
         store.display()
     );
+    // The log is appended to across runs: only what this run writes counts.
+    let log_start = tokio::fs::metadata(&log).await.map_or(0, |m| m.len());
     tokio::fs::write(&conf, text).await.map_err(io(&conf))?;
     let child = Command::new(&bin)
         .arg("-c")
@@ -87,19 +95,39 @@ pub async fn ensure(url: &str, workdir: &Path) -> Result<Option<LocalNats>, Loca
         .kill_on_drop(true)
         .spawn()
         .map_err(io(&bin))?;
-    let server = LocalNats { child, log };
+    let mut server = LocalNats {
+        child,
+        log,
+        url: url.to_string(),
+    };
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !answers(&host, port).await {
+    let port = loop {
+        let listening = if port == 0 {
+            listening_port(&log_since(&server.log, log_start).await)
+        } else {
+            Some(port)
+        };
+        if let Some(port) = listening
+            && answers(&host, port).await
+        {
+            break port;
+        }
         if Instant::now() > deadline {
             return Err(LocalError::NotReady(server.log.clone()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    info!(bin = %bin.display(), store = %store.display(), log = %server.log.display(), "started a local nats-server");
+    };
+    server.url = format!("nats://{host}:{port}");
+    info!(url = %server.url, bin = %bin.display(), store = %store.display(), log = %server.log.display(), "started a local nats-server");
     Ok(Some(server))
 }
 
 impl LocalNats {
+    /// The URL it listens on (with the port it picked, when asked to).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Stops the server gracefully (SIGTERM), killing it after 10 s.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
@@ -128,6 +156,24 @@ fn host_port(url: &str) -> Result<(String, u16), LocalError> {
         .rsplit_once(':')
         .ok_or_else(bad)?;
     Ok((host.to_string(), port.parse().map_err(|_| bad())?))
+}
+
+/// What the log holds past `start` (empty while it does not exist).
+async fn log_since(log: &Path, start: u64) -> String {
+    let bytes = tokio::fs::read(log).await.unwrap_or_default();
+    let start = usize::try_from(start)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// The client port in a line like
+/// `Listening for client connections on 127.0.0.1:41234`.
+fn listening_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find_map(|line| line.split("Listening for client connections on ").nth(1))
+        .and_then(|address| address.trim().rsplit(':').next())
+        .and_then(|port| port.parse().ok())
 }
 
 async fn answers(host: &str, port: u16) -> bool {
@@ -166,5 +212,12 @@ mod tests {
             Some(("localhost".into(), 4333))
         );
         assert!(host_port("nats://nohost").is_err());
+    }
+
+    #[test]
+    fn reads_the_port_the_server_picked_from_its_log() {
+        let log = "[1] [INF] Starting nats-server\n[1] 2026/12/01 [INF] Listening for client connections on 127.0.0.1:41234\n";
+        assert_eq!(listening_port(log), Some(41234));
+        assert_eq!(listening_port("[1] [INF] Starting nats-server\n"), None);
     }
 }

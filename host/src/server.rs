@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -146,7 +146,10 @@ pub async fn run(
         fatal = background => Err(fatal),
     };
     let _ = stop.send(true);
-    let mut workers = workers.lock().await;
+    // The set is taken out of its lock before it is drained: nothing waits
+    // on a lock across `join_next` (the background task that spawns into
+    // it ended with the `select!`).
+    let mut workers = std::mem::take(&mut *lock(&workers));
     if tokio::time::timeout(DRAIN, async {
         while workers.join_next().await.is_some() {}
     })
@@ -170,7 +173,17 @@ struct Background {
     loaded: Vec<Arc<Prepared>>,
     metrics: Metrics,
     stopped: watch::Receiver<bool>,
-    workers: Arc<Mutex<JoinSet<()>>>,
+    workers: Workers,
+}
+
+/// The background tasks `run` waits for on shutdown. A std `Mutex`: it is
+/// only ever held to spawn into the set or to take it, never across an
+/// `.await`.
+type Workers = Arc<Mutex<JoinSet<()>>>;
+
+fn lock(workers: &Workers) -> std::sync::MutexGuard<'_, JoinSet<()>> {
+    // A panic while spawning leaves the set itself intact.
+    workers.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Applies the streams once NATS answers (retrying while it does not), then
@@ -199,7 +212,7 @@ async fn start_background(bg: Background) -> ServeError {
         }
     }
     {
-        let mut workers = bg.workers.lock().await;
+        let mut workers = lock(&bg.workers);
         workers.spawn(dlq::writer::run(
             js.clone(),
             bg.metrics.clone(),
@@ -238,7 +251,7 @@ async fn start_background(bg: Background) -> ServeError {
     for prepared in bg.loaded {
         follower.start(prepared);
     }
-    bg.workers.lock().await.spawn(follower.run(bg.stopped));
+    lock(&bg.workers).spawn(follower.run(bg.stopped));
     info!(partitions = bg.config.ingest.partitions, "dispatch started");
     std::future::pending().await
 }

@@ -56,6 +56,16 @@ async fn seen(js: &jetstream::Context, handler: &str, entity: &str) -> Vec<Strin
         .unwrap_or_default()
 }
 
+async fn attempt(
+    js: &jetstream::Context,
+    handler: &str,
+    seq: u64,
+) -> Option<hookmesh::dispatch::AttemptRecord> {
+    hookmesh::dispatch::attempt_record(js, handler, seq)
+        .await
+        .expect("read record")
+}
+
 async fn dead_letters(js: &jetstream::Context) -> Vec<DeadLetter> {
     store::list(js, &store::Selection::default())
         .await
@@ -272,9 +282,57 @@ async fn every_give_up_becomes_one_complete_dead_letter() {
     reprocess_advisories(&js).await;
     assert_eq!(dead_letters(&js).await.len(), 4, "no second entry");
 
-    // Not handled again by that handler: the recorder never saw T-1.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(seen(&js, "rec", "T-1").await.is_empty());
+    // Not handled again by that handler. The same path acts meanwhile: a
+    // neighbour in T-1's partition that fails once is retried and handled
+    // by the same consumer. T-1's attempt record has not changed since its
+    // dead letter (the host ran it no more), and the server holds nothing
+    // of that partition it could hand out again.
+    let t1 = &sent[2].1.json;
+    let t1_seq = t1["stream_seq"].as_u64().expect("seq");
+    let t1_partition = partition_of(t1["subject"].as_str().expect("subject"));
+    let attempts_kv = js.get_key_value("hook_attempts").await.expect("bucket");
+    let t1_key = hookmesh::dispatch::attempts::key("rec", t1_seq);
+    let before = attempts_kv
+        .entry(&t1_key)
+        .await
+        .expect("entry")
+        .expect("T-1's attempt record");
+    let neighbour = same_partition_as("T-1");
+    let mut once = json!({"type": "ticket.updated", "data": {"id": neighbour}});
+    once["fail_until_attempt"] = json!(1);
+    let control = host
+        .send("crm", serde_json::to_vec(&once).expect("json"), "t-n")
+        .await;
+    let control_seq = control.json["stream_seq"].as_u64().expect("seq");
+    wait_for(
+        Duration::from_secs(20),
+        "the neighbour retried and handled",
+        || async { seen(&js, "rec", &neighbour).await == ["t-n"] },
+    )
+    .await;
+    assert_eq!(
+        attempt(&js, "rec", control_seq).await.map(|r| r.attempts),
+        Some(1),
+        "the control went through a retry"
+    );
+    wait_for(Duration::from_secs(20), "the partition settled", || async {
+        consumer_settled(&js, "rec", t1_partition, control_seq).await
+    })
+    .await;
+    let after = attempts_kv
+        .entry(&t1_key)
+        .await
+        .expect("entry")
+        .expect("T-1's attempt record");
+    assert_eq!(
+        (after.revision, after.value.clone()),
+        (before.revision, before.value.clone()),
+        "T-1 ran no more after its dead letter"
+    );
+    assert_eq!(
+        attempt(&js, "rec", t1_seq).await.map(|r| r.attempts),
+        Some(2)
+    );
 
     // Metrics, and readiness with a non-empty DLQ.
     wait_for(Duration::from_secs(20), "DLQ gauges", || async {
@@ -722,7 +780,7 @@ async fn a_parking_handler_holds_the_entity_until_its_dead_letter_is_replayed_or
     host.send("crm", ticket(&held, true), "h-1").await;
     host.send("crm", ticket(&held, false), "h-2").await;
     host.send("crm", ticket(&neighbour, false), "n-1").await;
-    host.send("crm", ticket(&held, false), "h-3").await;
+    let last_held = host.send("crm", ticket(&held, false), "h-3").await.json;
     let entries = wait_dead_letters(&js, 1).await;
     // The neighbour in the same partition goes on; the held entity waits.
     wait_for(Duration::from_secs(10), "the neighbour handled", || async {
@@ -742,7 +800,15 @@ async fn a_parking_handler_holds_the_entity_until_its_dead_letter_is_replayed_or
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The server has settled the partition up to h-3 (nothing awaits an
+    // ack or a redelivery): h-2 and h-3 are in the park record only, and
+    // no delivery of them can run before the entity is released.
+    let held_seq = last_held["stream_seq"].as_u64().expect("seq");
+    let held_partition = partition_of(last_held["subject"].as_str().expect("subject"));
+    wait_for(Duration::from_secs(10), "the partition settled", || async {
+        consumer_settled(&js, "rec", held_partition, held_seq).await
+    })
+    .await;
     assert!(
         seen(&js, "rec", &held).await.is_empty(),
         "nothing ran out of order"

@@ -234,15 +234,13 @@ async fn bad_orders_are_permanent_or_need_a_human_and_are_not_retried() {
         &json!({"type":"order.created","data":{"id":"ORD-7","version":1,"customer":{"id":"C"}}}),
     )
     .expect("json");
-    let seq_permanent = host.send("crm", no_total, "bad-1").await.json["stream_seq"]
-        .as_u64()
-        .expect("seq");
-    let seq_human = host
+    let permanent_answer = host.send("crm", no_total, "bad-1").await.json;
+    let human_answer = host
         .send("crm", order("order.created", "ORD-8", 1, None), "bad-2")
         .await
-        .json["stream_seq"]
-        .as_u64()
-        .expect("seq");
+        .json;
+    let seq_permanent = permanent_answer["stream_seq"].as_u64().expect("seq");
+    let seq_human = human_answer["stream_seq"].as_u64().expect("seq");
 
     wait_for(
         Duration::from_secs(10),
@@ -271,8 +269,17 @@ async fn bad_orders_are_permanent_or_need_a_human_and_are_not_retried() {
     );
     assert_eq!(human.handler_version.len(), 12);
 
-    // Terminated: never handled again.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Terminated: never handled again. The server has settled both
+    // partitions (nothing awaits an ack or a redelivery), so no other
+    // attempt can come.
+    for answer in [&permanent_answer, &human_answer] {
+        let seq = answer["stream_seq"].as_u64().expect("seq");
+        let partition = partition_of(answer["subject"].as_str().expect("subject"));
+        wait_for(Duration::from_secs(10), "the partition settled", || async {
+            consumer_settled(&js, "order-sync", partition, seq).await
+        })
+        .await;
+    }
     assert_eq!(
         attempt(&js, "order-sync", seq_permanent)
             .await
@@ -303,12 +310,14 @@ async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go
     let host = host_with(&nats, handlers).await;
     let js = jetstream(&nats).await;
     let mut seqs = Vec::new();
+    let mut answers = Vec::new();
     for domain in ["loop", "hog", "panic", "refuse"] {
         let body =
             serde_json::to_vec(&json!({"type": format!("{domain}.go"), "data": {"id": "X-1"}}))
                 .expect("json");
         let answer = host.send("crm", body, &format!("h-{domain}")).await;
         seqs.push(answer.json["stream_seq"].as_u64().expect("seq"));
+        answers.push(answer.json);
     }
     for i in 0..5 {
         let answer = host
@@ -355,21 +364,85 @@ async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go
         || async { attempt(&js, "refuser", seqs[3]).await.is_some() },
     )
     .await;
-    // max_deliver reached: no fifth attempt; a permanent failure: no second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        attempt(&js, "looper", seqs[0])
-            .await
-            .expect("record")
-            .attempts,
-        4
-    );
+    // max_deliver reached: no fifth attempt; a permanent failure: no
+    // second. Once the server has settled their partitions (nothing awaits
+    // an ack or a redelivery) no other attempt can come.
+    for (handler, answer) in [
+        ("looper", &answers[0]),
+        ("hog", &answers[1]),
+        ("panicker", &answers[2]),
+        ("refuser", &answers[3]),
+    ] {
+        let seq = answer["stream_seq"].as_u64().expect("seq");
+        let partition = partition_of(answer["subject"].as_str().expect("subject"));
+        wait_for(Duration::from_secs(20), "the partition settled", || async {
+            consumer_settled(&js, handler, partition, seq).await
+        })
+        .await;
+    }
+    for (handler, seq, attempts) in [
+        ("looper", seqs[0], 4),
+        ("hog", seqs[1], 4),
+        ("panicker", seqs[2], 4),
+        ("refuser", seqs[3], 1),
+    ] {
+        assert_eq!(
+            attempt(&js, handler, seq).await.expect("record").attempts,
+            attempts,
+            "{handler}"
+        );
+    }
     assert_eq!(host.get("/healthz").await.0, 200);
     let metrics = host.get("/metrics").await.1;
     assert!(
         metrics.contains(r#"hookmesh_events_handled_total{handler="looper",outcome="trap"} 4"#),
         "{metrics}"
     );
+    host.shutdown().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn the_manifests_memory_cap_is_the_one_that_stops_a_guest() {
+    // The same guest asks for 48 MiB (far below the host's pool limit):
+    // under a 32 MiB manifest cap it traps, under 64 MiB it succeeds.
+    let nats = NatsServer::start().expect("nats");
+    let hog = |name: &str, memory_mib: u64| {
+        let mut m = manifest(name, "fixture_memory_hog", "crm.hog.>");
+        m.memory = memory_mib << 20;
+        m.max_deliver = 1;
+        m.config.insert("mib".into(), "48".into());
+        m
+    };
+    let host = host_with(&nats, vec![hog("capped", 32), hog("roomy", 64)]).await;
+    let js = jetstream(&nats).await;
+    let body = serde_json::to_vec(&json!({"type": "hog.go", "data": {"id": "M-1"}})).expect("json");
+    let seq = host.send("crm", body, "m-1").await.json["stream_seq"]
+        .as_u64()
+        .expect("seq");
+    wait_for(
+        Duration::from_secs(20),
+        "48 MiB held under 64 MiB",
+        || async { messages(&js, "hook.roomy.").await.len() == 1 },
+    )
+    .await;
+    assert_eq!(messages(&js, "hook.roomy.").await[0].1, json!(48));
+    assert!(
+        attempt(&js, "roomy", seq).await.is_none(),
+        "no failed attempt"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the capped attempt failed",
+        || async { attempt(&js, "capped", seq).await.is_some() },
+    )
+    .await;
+    let record = attempt(&js, "capped", seq).await.expect("record");
+    assert_eq!(
+        record.reason,
+        hookmesh::dispatch::Reason::Trap,
+        "{record:?}"
+    );
+    assert!(messages(&js, "hook.capped.").await.is_empty());
     host.shutdown().await.expect("clean stop");
 }
 

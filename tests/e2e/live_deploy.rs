@@ -349,8 +349,25 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
             .contains("handler_version{handler=\"rec\"")
     })
     .await;
-    host.send("crm", ticket("T-3", false), "k-3").await;
+    let t3 = host.send("crm", ticket("T-3", false), "k-3").await.json;
+    let t3_seq = t3["stream_seq"].as_u64().expect("seq");
+    let t3_consumer = hookmesh::manifest::consumer_name(
+        "rec",
+        partition_of(t3["subject"].as_str().expect("subject")),
+    );
+    // A running dispatcher holds a pull open on every partition, so the
+    // server would deliver T-3 at once; while removed it never does (a
+    // slow handler would show as delivered, not yet acked).
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = events(&bed.js)
+        .await
+        .consumer_info(&t3_consumer)
+        .await
+        .expect("the consumer is kept");
+    assert!(
+        info.delivered.stream_sequence < t3_seq && info.num_ack_pending == 0,
+        "T-3 not delivered while removed: {info:?}"
+    );
     assert!(
         seen(&bed, "T-3").await.is_empty(),
         "not handled while removed"

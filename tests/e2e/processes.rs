@@ -50,18 +50,12 @@ fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
     rest.split_whitespace().next().expect("word")
 }
 
-/// A port nothing listens on right now (the server that had it stopped).
-fn unused_port() -> u16 {
-    let probe = NatsServer::start().expect("nats");
-    probe.port()
-}
-
 #[tokio::test]
 async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let nats_port = unused_port();
+    // Port 0: the local nats-server picks its own port and `up` says which.
     let env = vec![
-        ("HOOKMESH_NATS_URL", format!("nats://127.0.0.1:{nats_port}")),
+        ("HOOKMESH_NATS_URL", "nats://127.0.0.1:0".to_string()),
         ("HOOKMESH_HTTP_LISTEN", "127.0.0.1:0".to_string()),
         (
             "NATS_SERVER_BIN",
@@ -72,7 +66,14 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
     let mut lines = Lines::of(&mut up);
     let warning = lines.wait_for("built-in development config");
     assert!(warning.contains("for local use only"), "{warning}");
-    lines.wait_for("started a local nats-server");
+    let started = lines.wait_for("started a local nats-server");
+    let nats_port: u16 = word_after(&started, "url=nats://127.0.0.1:")
+        .parse()
+        .expect("the port it picked");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_ok(),
+        "the local nats-server listens on the port it named"
+    );
     let banner = lines.wait_for("hookmesh is up");
     let address = word_after(&banner, "POST http://")
         .trim_end_matches("/webhooks/<provider>")
@@ -165,54 +166,96 @@ async fn a_host_killed_mid_load_loses_and_doubles_nothing_when_providers_retry()
         .collect();
 
     let http = reqwest::Client::new();
-    let send_all = |url: String| {
+    // Sends the deliveries numbered `which`, 16 at a time; each answer
+    // with its delivery's number (0 when the request got no answer).
+    let send = |url: String, which: Vec<usize>| {
         let http = http.clone();
         let deliveries = deliveries.clone();
         async move {
-            futures::stream::iter(deliveries.into_iter().map(|d| {
+            futures::stream::iter(which.into_iter().map(|i| {
                 let http = http.clone();
                 let url = url.clone();
+                let d = deliveries[i].clone();
                 async move {
-                    match http.post(&url).headers(d.headers).body(d.body).send().await {
+                    let status = match http.post(&url).headers(d.headers).body(d.body).send().await
+                    {
                         Ok(r) => r.status().as_u16(),
                         Err(_) => 0,
-                    }
+                    };
+                    (i, status)
                 }
             }))
             .buffer_unordered(16)
-            .collect::<Vec<u16>>()
+            .collect::<Vec<(usize, u16)>>()
             .await
         }
+    };
+    // The stored events, by body (each delivery's body is distinct).
+    let stored_bodies = |js: async_nats::jetstream::Context| async move {
+        let mut bodies = std::collections::BTreeMap::new();
+        for message in stored_messages(&js, "HOOK_EVENTS").await {
+            *bodies.entry(message.payload.to_vec()).or_insert(0usize) += 1;
+        }
+        bodies
     };
 
     // Kill -9 the host while a third of the load is answered.
     let js = jetstream(&nats).await;
-    let load = tokio::spawn(send_all(url));
+    let load = tokio::spawn(send(url, (0..EVENTS).collect()));
     wait_for(Duration::from_secs(30), "some events stored", || async {
         stored_count(&js).await >= (EVENTS / 3) as u64
     })
     .await;
     first.signal(libc::SIGKILL);
     let statuses = load.await.expect("load");
-    let answered = statuses.iter().filter(|s| **s == 202).count();
+    let answered: Vec<usize> = statuses
+        .iter()
+        .filter(|(_, s)| (200..300).contains(s))
+        .map(|(i, _)| *i)
+        .collect();
     assert!(
-        answered < EVENTS,
-        "the kill landed mid-load ({answered} answered)"
+        !answered.is_empty() && answered.len() < EVENTS,
+        "the kill landed mid-load ({} answered)",
+        answered.len()
     );
 
-    // Providers retry everything they did not get a 2xx for — and, to be
-    // strict, everything else too.
-    let (_second, _lines2, url) = serve(dir.path(), &nats);
-    let statuses = send_all(url).await;
+    // Every 2xx was a promise: its event is stored — checked before any
+    // resend could store it.
+    let before = stored_bodies(js.clone()).await;
+    for i in &answered {
+        assert!(
+            before.contains_key(&deliveries[*i].body.to_vec()),
+            "delivery {i} was answered 2xx but its event is not in HOOK_EVENTS"
+        );
+    }
     assert!(
-        statuses.iter().all(|s| *s == 202 || *s == 200),
-        "{statuses:?}"
+        before.values().all(|n| *n == 1),
+        "nothing stored twice before the resend"
     );
+
+    // Providers resend what they did not get a 2xx for, to a new host.
+    let (_second, _lines2, url) = serve(dir.path(), &nats);
+    let others: Vec<usize> = (0..EVENTS).filter(|i| !answered.contains(i)).collect();
+    let resent = send(url, others.clone()).await;
+    assert!(
+        resent.iter().all(|(_, s)| *s == 202 || *s == 200),
+        "{resent:?}"
+    );
+    // Some of those were stored before the kill without an answer: the
+    // host recognises them (200, duplicate) rather than storing them again.
+    let after = stored_bodies(js.clone()).await;
     assert_eq!(
         stored_count(&js).await,
         EVENTS as u64,
         "every event stored exactly once"
     );
+    for (i, d) in deliveries.iter().enumerate() {
+        assert_eq!(
+            after.get(&d.body.to_vec()),
+            Some(&1),
+            "delivery {i} stored exactly once"
+        );
+    }
 }
 
 #[tokio::test]

@@ -599,3 +599,30 @@ pub async fn send_crm(address: &str, body: Vec<u8>, id: &str) -> Value {
     );
     serde_json::from_str(&answer.body).expect("json answer")
 }
+
+/// Whether the server holds nothing more of `handler`'s consumer on
+/// `partition` up to `stream_seq`: it has delivered everything up to
+/// there, and no delivery awaits an ack or a redelivery. Past this point
+/// the server hands none of those events out again, so a test can assert
+/// that something did not happen without waiting for it to be merely late.
+pub async fn consumer_settled(
+    js: &jetstream::Context,
+    handler: &str,
+    partition: u32,
+    stream_seq: u64,
+) -> bool {
+    let name = hookmesh::manifest::consumer_name(handler, partition);
+    match events(js).await.consumer_info(&name).await {
+        Ok(info) => info.delivered.stream_sequence >= stream_seq && info.num_ack_pending == 0,
+        Err(_) => false,
+    }
+}
+
+/// The partition of an event's subject (`hook.<provider>.<domain>.<p>.…`).
+pub fn partition_of(subject: &str) -> u32 {
+    subject
+        .split('.')
+        .nth(3)
+        .and_then(|p| p.parse().ok())
+        .expect("a partitioned event subject")
+}

@@ -107,9 +107,17 @@ async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) -> bool {
         );
         return true;
     };
-    let validated = match std::fs::read(&component)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| super::validate(&bytes).map_err(|e| e.to_string()))
+    // Reading the file and compiling it to check its shape take up to
+    // seconds: off the async workers, which carry the host's acks too.
+    let file = component.clone();
+    let validated = match tokio::task::spawn_blocking(move || {
+        std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| super::validate(&bytes).map_err(|e| e.to_string()))
+    })
+    .await
+    .map_err(|e| format!("validating: {e}"))
+    .and_then(|validated| validated)
     {
         Ok(validated) => validated,
         Err(error) => {

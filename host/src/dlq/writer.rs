@@ -194,30 +194,30 @@ async fn settle(
         }
     };
     let span = info_span!("dead_letter", %handler, stream_seq = advisory.stream_seq);
-    let written = write(js, attempts, &handler, &advisory)
-        .instrument(span.clone())
-        .await;
-    let _entered = span.enter();
-    match written {
-        Ok(Some((stored, reason))) => {
-            if !stored.duplicate {
-                metrics.dead_lettered(&handler, reason.as_str());
+    async {
+        match write(js, attempts, &handler, &advisory).await {
+            Ok(Some((stored, reason))) => {
+                if !stored.duplicate {
+                    metrics.dead_lettered(&handler, reason.as_str());
+                }
+                let seq = stored.seq;
+                if let Err(error) = message.ack().await {
+                    warn!(%error, dlq_seq = seq, "advisory ack failed; it comes back and is deduplicated");
+                }
             }
-            let seq = stored.seq;
-            if let Err(error) = message.ack().await {
-                warn!(%error, dlq_seq = seq, "advisory ack failed; it comes back and is deduplicated");
+            Ok(None) => {
+                let _ = message.ack().await;
             }
-        }
-        Ok(None) => {
-            let _ = message.ack().await;
-        }
-        Err(error) => {
-            warn!(%error, "dead letter not written yet; will retry");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+            Err(error) => {
+                warn!(%error, "dead letter not written yet; will retry");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
         }
     }
+    .instrument(span)
+    .await;
 }
 
 /// Stores the entry of `advisory`: `Some((where, reason))`, or `None` when
