@@ -341,12 +341,15 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
 
     // Removed: dispatch stops, the consumers stay; back with --to 1.
     bed.ok(&["handlers", "remove", "rec"]);
+    // Stopped: no version, and every partition handed over (its workers'
+    // pull requests ended, so none is open for T-3 to be delivered to).
     wait_for(Duration::from_secs(10), "dispatch stopped", || async {
         !host
             .get("/metrics")
             .await
             .1
             .contains("handler_version{handler=\"rec\"")
+            && host.owned("rec").await == 0
     })
     .await;
     let t3 = host.send("crm", ticket("T-3", false), "k-3").await.json;

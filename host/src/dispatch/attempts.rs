@@ -141,11 +141,15 @@ pub async fn read(
     handler: &str,
     stream_seq: u64,
 ) -> Result<Option<AttemptRecord>, String> {
-    Ok(bucket
-        .get(key(handler, stream_seq))
-        .await
-        .map_err(|e| e.to_string())?
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    let key = key(handler, stream_seq);
+    match bucket.get(&key).await.map_err(|e| e.to_string())? {
+        // An unreadable record is an error, never "no failures yet": that
+        // would start the attempt count again.
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("attempt record {key} is unreadable: {e}")),
+        None => Ok(None),
+    }
 }
 
 /// Marks an event's dead letter resolved (`how`: `replayed`, `purged`),
