@@ -376,20 +376,12 @@ impl<W: StartWorker> Ownership<W> {
         let Some(held) = self.held.get_mut(&p) else {
             return;
         };
-        let until = now_ms() + ms(LEASE_TTL);
-        let lease = Lease {
-            host: self.host.clone(),
-            until,
-        };
-        let Ok(value) = serde_json::to_vec(&lease) else {
+        let Some((lease, value)) = own_lease(&self.host, now_ms()) else {
             return;
         };
+        let until = lease.until;
         let key = lease_key(&self.handler, p);
-        match self
-            .leases
-            .update(&key, Bytes::from(value), held.revision)
-            .await
-        {
+        match self.leases.update(&key, value, held.revision).await {
             Ok(revision) => {
                 held.revision = revision;
                 held.until = until;
@@ -418,24 +410,20 @@ impl<W: StartWorker> Ownership<W> {
             // Live, held by another host that will hand it over.
             return;
         }
-        let until = now + ms(LEASE_TTL);
-        let lease = Lease {
-            host: self.host.clone(),
-            until,
-        };
-        let Ok(value) = serde_json::to_vec(&lease) else {
+        let Some((lease, value)) = own_lease(&self.host, now) else {
             return;
         };
+        let until = lease.until;
         let key = lease_key(&self.handler, p);
         let written = match (&previous, revision) {
             (Some(_), Some(revision)) => self
                 .leases
-                .update(&key, Bytes::from(value), revision)
+                .update(&key, value, revision)
                 .await
                 .map_err(|e| e.to_string()),
             _ => self
                 .leases
-                .create(&key, Bytes::from(value))
+                .create(&key, value)
                 .await
                 .map_err(|e| e.to_string()),
         };
@@ -500,6 +488,16 @@ impl<W: StartWorker> Ownership<W> {
         }
         (self.owned_gauge)(0);
     }
+}
+
+/// A lease for `host` from `now` (Unix ms), and its encoded value.
+fn own_lease(host: &str, now: u64) -> Option<(Lease, Bytes)> {
+    let lease = Lease {
+        host: host.to_string(),
+        until: now + ms(LEASE_TTL),
+    };
+    let value = serde_json::to_vec(&lease).ok()?;
+    Some((lease, Bytes::from(value)))
 }
 
 /// Reads who holds each partition of `handler` (for `handlers show`):
