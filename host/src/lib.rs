@@ -15,10 +15,12 @@
 //!   applying them.
 //! - [`publish`]: storing an event exactly once (KV + `Nats-Msg-Id`).
 //! - [`ingress`]: the HTTP API and its answers.
-//! - [`dispatch`]: handlers run from durable per-partition consumers;
-//!   ack / nak / term by result; attempt records; emits.
-//! - [`dlq`]: dead letters — the advisory-driven writer, parking, replay
-//!   and purge.
+//! - [`dispatch`]: handlers run from durable per-partition consumers:
+//!   partition ownership, per-entity order with entity isolation, the
+//!   settle policy, emits.
+//! - [`dlq`]: dead letters — the advisory-driven writer, replay and purge.
+//! - [`records`]: what dispatch and dead letters share in `hook_attempts`:
+//!   attempt records and held or parked entities.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`nats`]: connecting as configured.
 //! - [`retry`]: the growing pause of every loop waiting for NATS.
@@ -47,6 +49,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod nats;
 pub mod publish;
+pub mod records;
 pub mod retry;
 pub mod runtime;
 pub mod send;

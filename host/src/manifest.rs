@@ -250,6 +250,14 @@ pub fn consumer_name(handler: &str, partition: u32) -> String {
     format!("handler_{handler}_{partition}")
 }
 
+/// The handler a consumer belongs to: `handler_<name>_<partition>` → `name`.
+pub fn handler_of_consumer(consumer: &str) -> Option<&str> {
+    let rest = consumer.strip_prefix("handler_")?;
+    let (name, partition) = rest.rsplit_once('_')?;
+    (!name.is_empty() && !partition.is_empty() && partition.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(name)
+}
+
 /// The per-partition `HOOK_EVENTS` filter for a manifest subject:
 /// `crm.order.>` → `hook.crm.order.<partition>.>`. A `>` in the provider or
 /// domain position stands for those tokens too (`crm.>` →
@@ -450,6 +458,24 @@ erp_prefix = "SO-"
         );
         assert!(!m.sandbox.clock && m.sandbox.env.is_empty());
         assert_eq!(m.concurrency, 64);
+    }
+
+    #[test]
+    fn consumer_names_give_their_handler() {
+        assert_eq!(
+            handler_of_consumer("handler_order-sync_7"),
+            Some("order-sync")
+        );
+        assert_eq!(handler_of_consumer("handler_a_b_12"), Some("a_b"));
+        assert_eq!(handler_of_consumer("handler__3"), None);
+        assert_eq!(handler_of_consumer("handler_x_"), None);
+        assert_eq!(handler_of_consumer("handler_x_y"), None);
+        assert_eq!(handler_of_consumer("dlq_writer"), None);
+        assert_eq!(
+            handler_of_consumer(&consumer_name("a_b-c", 15)),
+            Some("a_b-c"),
+            "what consumer_name makes, handler_of_consumer reads"
+        );
     }
 
     #[test]

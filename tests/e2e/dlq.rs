@@ -7,8 +7,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use hookmesh::dlq::{DeadLetter, park, store};
+use hookmesh::dlq::{DeadLetter, store};
 use hookmesh::manifest::{Manifest, OnDeadLetter};
+use hookmesh::records::park;
 use hookmesh::subject::{EventAddress, encode_token, partition};
 use hookmesh_test_support::NatsServer;
 use serde_json::{Value, json};

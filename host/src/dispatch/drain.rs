@@ -4,7 +4,7 @@
 //! events in stream order, each with the handler's usual retries (a long
 //! backoff holds the entity again, its lease given up); an event that fails
 //! for good becomes a dead letter and, for a parking handler, parks the
-//! entity again. See [`crate::dlq::park`].
+//! entity again. See [`crate::records::park`].
 //!
 //! Every host running a handler watches that handler's records, so a
 //! release made anywhere — a replay on another host, a purge from the CLI,
@@ -26,11 +26,12 @@ use tracing::{Instrument, info, info_span, warn};
 use super::ownership::now_ms;
 use super::replay::dlq_reason;
 use super::settle::{Outcome, Policy, Settle};
-use super::{Dispatch, HandlerSlot, Reason, attempts, event, version_of};
+use super::{Dispatch, HandlerSlot, Reason, event, version_of};
 use crate::dlq::entry::{self, Original};
-use crate::dlq::park::{self, ParkRecord};
 use crate::dlq::writer;
 use crate::extract::kv_key;
+use crate::records::attempts;
+use crate::records::park::{self, ParkRecord};
 use crate::retry::Retry;
 use crate::runtime::Prepared;
 use crate::streams::EVENTS_STREAM;

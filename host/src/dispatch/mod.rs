@@ -15,7 +15,6 @@
 //!
 //! Dispatch knows nothing of HTTP.
 
-pub mod attempts;
 mod drain;
 mod event;
 pub mod ownership;
@@ -33,13 +32,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
-pub use attempts::{AttemptRecord, Reason};
+pub use crate::records::attempts::{self, AttemptRecord, Reason};
 pub use event::{input as event_input, input_from as event_input_from};
 pub use partition::{entity_of, window};
 
-use crate::dlq::park;
 use crate::manifest::{Manifest, partition_filter};
 use crate::metrics::Metrics;
+use crate::records::park;
 use crate::retry::Retry;
 use crate::runtime::{EventInput, Prepared, Runtime, Services, Verdict};
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM, LEASES_BUCKET};

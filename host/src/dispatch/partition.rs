@@ -6,7 +6,7 @@
 //! An event's task runs the handler, retries short waits in hand (its
 //! delivery kept alive with progress acks), and holds the entity for long
 //! ones: the entity's events are then acked and wait as sequences in its
-//! hold record (see [`crate::dlq::park`]) for the drainer. Later events of
+//! hold record (see [`crate::records::park`]) for the drainer. Later events of
 //! a held entity join that record, so the window only ever holds events
 //! that can run soon.
 //!
@@ -26,9 +26,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::ownership::{Fence, now_ms};
 use super::scheduler::EntityQueues;
 use super::settle::{Outcome, Policy, Settle};
-use super::{Dispatch, HandlerSlot, Reason, attempts, event, version_of};
-use crate::dlq::park;
+use super::{Dispatch, HandlerSlot, Reason, event, version_of};
 use crate::manifest::{Manifest, OnDeadLetter};
+use crate::records::attempts;
+use crate::records::park;
 use crate::retry::Retry;
 
 /// Events asked for per pull request at most.

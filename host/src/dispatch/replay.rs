@@ -17,11 +17,13 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{Dispatch, HandlerSlot, Reason, attempts, event, version_of};
+use super::{Dispatch, HandlerSlot, Reason, event, version_of};
 use crate::audit::{self, Action, AuditRecord, DeadLetterRef};
 use crate::dlq::entry::{self, Failure};
 use crate::dlq::replay::{self, ReplayAnswer, ReplayOutcome, ReplayRequest};
-use crate::dlq::{DlqReason, park, store};
+use crate::dlq::{DlqReason, store};
+use crate::records::attempts;
+use crate::records::park;
 use crate::retry::Retry;
 
 impl Dispatch {

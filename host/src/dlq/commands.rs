@@ -11,9 +11,10 @@ use bytes::Bytes;
 
 use super::replay::{self, ReplayRequest};
 use super::store::{self, Selection};
-use super::{DeadLetter, DlqReason, park};
+use super::{DeadLetter, DlqReason};
 use crate::audit::{self, Action, AuditRecord, DeadLetterRef};
-use crate::dispatch::attempts;
+use crate::records::attempts;
+use crate::records::park;
 use crate::streams::ATTEMPTS_BUCKET;
 
 /// How long a replay may take before the CLI stops waiting.

@@ -19,7 +19,6 @@
 /// `hookmesh dlq …`.
 pub mod commands;
 pub mod entry;
-pub mod park;
 pub mod replay;
 pub mod store;
 pub mod writer;
@@ -74,28 +73,5 @@ impl DlqError {
     }
 }
 
-/// The handler a consumer belongs to: `handler_<name>_<partition>` → `name`.
-pub fn handler_of_consumer(consumer: &str) -> Option<&str> {
-    let rest = consumer.strip_prefix("handler_")?;
-    let (name, partition) = rest.rsplit_once('_')?;
-    (!name.is_empty() && !partition.is_empty() && partition.bytes().all(|b| b.is_ascii_digit()))
-        .then_some(name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn consumer_names_give_their_handler() {
-        assert_eq!(
-            handler_of_consumer("handler_order-sync_7"),
-            Some("order-sync")
-        );
-        assert_eq!(handler_of_consumer("handler_a_b_12"), Some("a_b"));
-        assert_eq!(handler_of_consumer("handler__3"), None);
-        assert_eq!(handler_of_consumer("handler_x_"), None);
-        assert_eq!(handler_of_consumer("handler_x_y"), None);
-        assert_eq!(handler_of_consumer("dlq_writer"), None);
-    }
-}
+/// Consumer names are made and read in one place.
+pub use crate::manifest::handler_of_consumer;

@@ -17,8 +17,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::entry::{self, Failure, Original};
 use super::{ADVISORIES_STREAM, DlqError, DlqReason, WRITER_CONSUMER, handler_of_consumer};
-use crate::dispatch::{AttemptRecord, Reason, attempts};
 use crate::metrics::Metrics;
+use crate::records::attempts::{self, AttemptRecord, Reason};
 use crate::retry::Retry;
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM};
 

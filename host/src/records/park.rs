@@ -25,7 +25,7 @@ use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::DlqError;
+use super::RecordError;
 use crate::extract::kv_key;
 
 /// The key prefix of parking records in `hook_attempts`.
@@ -111,14 +111,14 @@ enum Change<T> {
 pub async fn read(
     bucket: &kv::Store,
     key: &str,
-) -> Result<(Option<ParkRecord>, Option<u64>), DlqError> {
+) -> Result<(Option<ParkRecord>, Option<u64>), RecordError> {
     let entry = bucket
         .entry(key)
         .await
-        .map_err(|e| DlqError::nats(format!("park record {key}"), e))?;
+        .map_err(|e| RecordError::new(format!("park record {key}"), e))?;
     Ok(match entry {
         Some(entry) if entry.operation == Operation::Put => {
-            let record = serde_json::from_slice(&entry.value).map_err(|e| DlqError::Nats {
+            let record = serde_json::from_slice(&entry.value).map_err(|e| RecordError {
                 what: format!("park record {key}"),
                 message: format!("unreadable: {e}"),
             })?;
@@ -135,7 +135,7 @@ async fn modify<T>(
     bucket: &kv::Store,
     key: &str,
     mut change: impl FnMut(Option<ParkRecord>) -> Change<T>,
-) -> Result<T, DlqError> {
+) -> Result<T, RecordError> {
     for _ in 0..64 {
         let (record, revision) = read(bucket, key).await?;
         let existed = record.is_some();
@@ -143,7 +143,7 @@ async fn modify<T>(
             Change::Keep(result) => return Ok(result),
             Change::Delete(result) if !existed => return Ok(result),
             Change::Put(record, result) => {
-                let value = serde_json::to_vec(&record).map_err(|e| DlqError::Nats {
+                let value = serde_json::to_vec(&record).map_err(|e| RecordError {
                     what: format!("park record {key}"),
                     message: e.to_string(),
                 })?;
@@ -173,14 +173,14 @@ async fn modify<T>(
             // Another writer changed the record since it was read: again.
             Err(Written::Conflict) => continue,
             Err(Written::Failed(message)) => {
-                return Err(DlqError::Nats {
+                return Err(RecordError {
                     what: format!("park record {key}"),
                     message,
                 });
             }
         }
     }
-    Err(DlqError::Nats {
+    Err(RecordError {
         what: format!("park record {key}"),
         message: "too many concurrent changes".into(),
     })
@@ -217,7 +217,7 @@ pub async fn hold(
     handler: &str,
     subject: &str,
     stream_seq: u64,
-) -> Result<(), DlqError> {
+) -> Result<(), RecordError> {
     let Some(key) = key(handler, subject) else {
         return Ok(());
     };
@@ -254,7 +254,7 @@ pub async fn enqueue_if_parked(
     handler: &str,
     subject: &str,
     stream_seq: u64,
-) -> Result<Queued, DlqError> {
+) -> Result<Queued, RecordError> {
     let Some(key) = key(handler, subject) else {
         return Ok(Queued::Run);
     };
@@ -288,7 +288,7 @@ pub async fn hold_for_retry(
     subject: &str,
     stream_seq: u64,
     retry_at: u64,
-) -> Result<(), DlqError> {
+) -> Result<(), RecordError> {
     let Some(key) = key(handler, subject) else {
         return Ok(());
     };
@@ -311,7 +311,7 @@ pub async fn defer(
     key: &str,
     holder: &str,
     retry_at: u64,
-) -> Result<(), DlqError> {
+) -> Result<(), RecordError> {
     modify(bucket, key, |record| match record {
         Some(mut record) if record.lease_holder.as_deref() == Some(holder) => {
             record.retry_at = Some(retry_at);
@@ -332,7 +332,7 @@ pub async fn release(
     handler: &str,
     subject: &str,
     stream_seq: u64,
-) -> Result<bool, DlqError> {
+) -> Result<bool, RecordError> {
     let Some(key) = key(handler, subject) else {
         return Ok(false);
     };
@@ -358,7 +358,7 @@ pub async fn take_lease(
     key: &str,
     holder: &str,
     lease: Duration,
-) -> Result<Option<ParkRecord>, DlqError> {
+) -> Result<Option<ParkRecord>, RecordError> {
     let now = SystemTime::now();
     modify(bucket, key, |record| match record {
         Some(mut record)
@@ -380,7 +380,7 @@ pub async fn renew(
     key: &str,
     holder: &str,
     lease: Duration,
-) -> Result<bool, DlqError> {
+) -> Result<bool, RecordError> {
     let now = SystemTime::now();
     modify(bucket, key, |record| match record {
         Some(mut record) if record.lease_holder.as_deref() == Some(holder) => {
@@ -401,7 +401,7 @@ pub async fn finished(
     holder: &str,
     stream_seq: u64,
     lease: Duration,
-) -> Result<Option<ParkRecord>, DlqError> {
+) -> Result<Option<ParkRecord>, RecordError> {
     let now = SystemTime::now();
     modify(bucket, key, |record| match record {
         None => Change::Keep(None),
@@ -427,7 +427,7 @@ pub async fn failed(
     key: &str,
     holder: &str,
     stream_seq: u64,
-) -> Result<(), DlqError> {
+) -> Result<(), RecordError> {
     modify(bucket, key, |record| match record {
         None => Change::Keep(()),
         Some(record) if record.lease_holder.as_deref() != Some(holder) => Change::Keep(()),
@@ -446,7 +446,7 @@ pub async fn failed(
 }
 
 /// Gives the lease of `key` up (the drainer stops early).
-pub async fn give_up_lease(bucket: &kv::Store, key: &str, holder: &str) -> Result<(), DlqError> {
+pub async fn give_up_lease(bucket: &kv::Store, key: &str, holder: &str) -> Result<(), RecordError> {
     modify(bucket, key, |record| match record {
         Some(mut record) if record.lease_holder.as_deref() == Some(holder) => {
             record.lease_holder = None;
