@@ -390,8 +390,20 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
 
     // Removed with its consumers: the running host does not bring them
     // back (which would replay the stream from its start).
+    assert_eq!(host.owned("rec").await, 16, "the host works the handler");
     bed.ok(&["handlers", "remove", "rec", "--delete-consumer"]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Once the host has handed every partition over and dropped the
+    // version, nothing of the handler runs there that could make or bind
+    // a consumer: what is on the server now stays.
+    wait_for(Duration::from_secs(10), "the handler stopped", || async {
+        host.owned("rec").await == 0
+            && !host
+                .get("/metrics")
+                .await
+                .1
+                .contains("handler_version{handler=\"rec\"")
+    })
+    .await;
     let mut names = events.consumer_names();
     let mut left = Vec::new();
     while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
