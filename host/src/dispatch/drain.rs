@@ -305,7 +305,7 @@ impl Dispatch {
                 reason,
                 retry_after: None,
             };
-            let delay = match policy.decide(attempt, &outcome) {
+            let (delay, held) = match policy.decide(attempt, &outcome) {
                 Settle::DeadLetter { park } => {
                     let ran = self
                         .dead_letter(prepared, &original, attempt, reason, &error)
@@ -316,7 +316,8 @@ impl Dispatch {
                     };
                 }
                 Settle::Ack => return Ran::Handled,
-                Settle::RetryHere { delay } | Settle::Hold { delay } => delay,
+                Settle::RetryHere { delay } => (delay, false),
+                Settle::Hold { delay } => (delay, true),
             };
             let failure = attempts::Failure {
                 handler: &manifest.name,
@@ -330,7 +331,7 @@ impl Dispatch {
             if let Err(e) = attempts::record(&self.attempts, failure).await {
                 warn!(parent: &span, error = %e, "attempt not recorded");
             }
-            if delay > super::settle::HOLD_AFTER {
+            if held {
                 info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; the entity waits out the backoff");
                 return Ran::Deferred(
                     now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),

@@ -119,6 +119,10 @@ impl Dispatch {
         let mut returned: Vec<jetstream::Message> = Vec::new();
         let mut progress = tokio::time::interval(slot.current().manifest.ack_wait / 3);
         progress.tick().await;
+        // One future for the life of the loop, not a new watch and timer
+        // per event.
+        let lost = fence.lost();
+        tokio::pin!(lost);
         debug!(%handler, partition, "working the partition");
         loop {
             let manifest = slot.current().manifest.clone();
@@ -141,14 +145,14 @@ impl Dispatch {
                         warn!(%handler, partition, %error, retry_in = ?retry.delay(), "cannot pull");
                         tokio::select! {
                             _ = tokio::time::sleep(retry.delay()) => retry.grow(),
-                            _ = fence.lost() => {}
+                            _ = &mut lost => break,
                         }
                     }
                 }
             }
             tokio::select! {
                 biased;
-                _ = fence.lost() => break,
+                _ = &mut lost => break,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     let Ok(mut done) = done else { continue };
                     if let Some(message) = done.returned.take() {
@@ -469,36 +473,17 @@ async fn attempts_loop(
             .await;
         let manifest = prepared.manifest.clone();
         let version = version_of(&prepared);
-        let input = match event::input(message, attempt) {
-            Ok(input) => input,
-            Err(error) => {
-                drop(permit);
-                let policy = policy(&manifest);
-                dispatch
-                    .fail(
-                        &manifest.name,
-                        &version,
-                        message,
-                        stream_seq,
-                        attempt,
-                        &error,
-                        Reason::Permanent,
-                    )
-                    .await;
-                return dead_letter(
-                    shared,
-                    message,
-                    &manifest,
-                    stream_seq,
-                    policy.on_dead_letter == OnDeadLetter::Park,
-                )
-                .await;
-            }
-        };
+        // A delivery that is not a hookmesh event fails like a permanent
+        // error: the settle policy makes it a dead letter.
+        let input = event::input(message, attempt);
+        let correlation_id = input
+            .as_ref()
+            .map(|i| i.correlation_id.clone())
+            .unwrap_or_default();
         let span = info_span!(
             "invoke",
             version = %version,
-            correlation_id = %input.correlation_id,
+            %correlation_id,
             attempt,
         );
         // The server gives up after this delivery (hosts died in it
@@ -518,11 +503,16 @@ async fn attempts_loop(
             warn!(%error, "could not park the entity ahead of the last delivery");
         }
         let subject = message.subject.to_string();
-        let outcome = with_progress(message, &manifest, dispatch.execute(&prepared, input))
-            .instrument(span.clone())
-            .await;
+        let outcome = match input {
+            Ok(input) => {
+                with_progress(message, &manifest, dispatch.execute(&prepared, input))
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(error) => Err((Reason::Permanent, error)),
+        };
         drop(permit);
-        let (outcome, error) = match outcome {
+        let (reason, error) = match outcome {
             Ok(emits) => {
                 if parks_first {
                     dispatch
@@ -537,15 +527,12 @@ async fn attempts_loop(
                 debug!(parent: &span, emits, "handled");
                 return End::Settled;
             }
-            Err((reason, error)) => (
-                Outcome::Failed {
-                    reason,
-                    retry_after: None,
-                },
-                (reason, error),
-            ),
+            Err(failure) => failure,
         };
-        let (reason, error) = error;
+        let outcome = Outcome::Failed {
+            reason,
+            retry_after: None,
+        };
         dispatch
             .fail(
                 &manifest.name,

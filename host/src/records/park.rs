@@ -298,6 +298,10 @@ pub async fn hold_for_retry(
             ..ParkRecord::default()
         });
         insert_sorted(&mut record.waiting, stream_seq);
+        // It is retried, so it holds the entity by its backoff, not as a
+        // dead letter (the last delivery of a parking handler parks the
+        // entity ahead of running it).
+        record.dead_letters.retain(|&s| s != stream_seq);
         record.retry_at = Some(retry_at);
         Change::Put(record, ())
     })
