@@ -89,7 +89,10 @@ fn example(name: &str) -> anyhow::Result<Example> {
             component.display()
         )
     })?;
-    let component = deploy::validate(&bytes).with_context(|| format!("{name}: not deployable"))?;
+    let runtime = hookmesh::runtime::Runtime::new(Some(crate::dispatch::cache_dir()))
+        .context("building the wasm runtime")?;
+    let component =
+        deploy::validate(&runtime, &bytes).with_context(|| format!("{name}: not deployable"))?;
     Ok(Example {
         manifest,
         component,

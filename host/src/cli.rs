@@ -2,6 +2,7 @@
 //! subcommand is one call into a module that tests call too.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -13,6 +14,7 @@ use crate::config::{Config, Env, Origin};
 use crate::dlq::commands::{self, Target};
 use crate::dlq::store::Selection;
 use crate::nats::{self, Patience};
+use crate::runtime::Runtime;
 use crate::streams::{self, Mode};
 use crate::{audit, deploy, local, manifest, send, server};
 
@@ -236,10 +238,13 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         // The handlers of DIR reach the host the way every deploy does:
         // through the store it follows.
         let client = nats::connect(&config.nats, "hookmesh-up", Patience::Background).await?;
+        // Its compilations land in the artifact cache the host loads from.
+        let runtime = Runtime::new(Some(cache_dir.clone())).context("building the wasm runtime")?;
         tokio::spawn(deploy::dev::watch_dir(
             async_nats::jetstream::new(client),
             handlers_dir.to_path_buf(),
             audit::actor(None, &config),
+            Arc::new(runtime),
             stopped,
         ));
     } else {

@@ -13,6 +13,7 @@
 //! - [`subject`]: subject layout, reversible token encoding, partitions.
 //! - [`streams`]: stream and bucket definitions (`nats/streams/*.json`) and
 //!   applying them.
+//! - [`headers`]: the message headers hookmesh writes and reads.
 //! - [`publish`]: storing an event exactly once (KV + `Nats-Msg-Id`).
 //! - [`ingress`]: the HTTP API and its answers.
 //! - [`dispatch`]: handlers run from durable per-partition consumers:
@@ -43,6 +44,7 @@ pub mod deploy;
 pub mod dispatch;
 pub mod dlq;
 pub mod extract;
+pub mod headers;
 pub mod ingress;
 pub mod local;
 pub mod manifest;

@@ -181,7 +181,7 @@ impl Manifest {
         };
         let manifest: Manifest =
             toml::from_str(text).map_err(|e| invalid(e.message().to_string()))?;
-        manifest.validate().map_err(invalid)?;
+        manifest.validate().map_err(|e| invalid(e.to_string()))?;
         Ok(manifest)
     }
 
@@ -200,8 +200,9 @@ impl Manifest {
     }
 
     /// Checks every value (what [`Manifest::from_toml`] does after
-    /// parsing); the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    /// parsing); the error names the key.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        let invalid = |key: &'static str, message: String| Err(InvalidValue { key, message });
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
             && self
@@ -209,32 +210,40 @@ impl Manifest {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if !name_ok {
-            return Err(format!(
-                "name {:?}: use 1–64 characters of [a-z0-9_-]",
-                self.name
-            ));
+            return invalid(
+                "name",
+                format!("use 1–64 characters of [a-z0-9_-], not {:?}", self.name),
+            );
         }
-        partition_filter(&self.subject, 0).map_err(|e| format!("subject: {e}"))?;
+        if let Err(e) = partition_filter(&self.subject, 0) {
+            return invalid("subject", e.to_string());
+        }
         if self.max_deliver < 1 {
-            return Err("max_deliver: must be at least 1".into());
+            return invalid("max_deliver", "must be at least 1".into());
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
-            return Err(format!(
-                "concurrency: must be 1 to {MAX_CONCURRENCY} (events in flight per host), not {}",
-                self.concurrency
-            ));
+            return invalid(
+                "concurrency",
+                format!(
+                    "must be 1 to {MAX_CONCURRENCY} (events in flight per host), not {}",
+                    self.concurrency
+                ),
+            );
         }
         if self.timeout < Duration::from_millis(1) {
-            return Err("timeout: must be at least 1ms".into());
+            return invalid("timeout", "must be at least 1ms".into());
         }
         if self.ack_wait <= self.timeout {
-            return Err("ack_wait: must be longer than timeout".into());
+            return invalid("ack_wait", "must be longer than timeout".into());
         }
         if self.memory < (1 << 20) {
-            return Err("memory: must be at least 1MiB".into());
+            return invalid("memory", "must be at least 1MiB".into());
         }
         if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
-            return Err("backoff: initial must be above zero and max at least initial".into());
+            return invalid(
+                "backoff",
+                "initial must be above zero and max at least initial".into(),
+            );
         }
         Ok(())
     }
@@ -244,6 +253,21 @@ impl Manifest {
         consumer_name(&self.name, partition)
     }
 }
+
+/// A manifest value out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct InvalidValue {
+    /// The manifest key.
+    pub key: &'static str,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+/// A subject filter that makes no consumer filter; says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FilterError(String);
 
 /// `handler_<name>_<partition>`.
 pub fn consumer_name(handler: &str, partition: u32) -> String {
@@ -262,35 +286,41 @@ pub fn handler_of_consumer(consumer: &str) -> Option<&str> {
 /// `crm.order.>` → `hook.crm.order.<partition>.>`. A `>` in the provider or
 /// domain position stands for those tokens too (`crm.>` →
 /// `hook.crm.*.<partition>.>`).
-pub fn partition_filter(subject: &str, partition: u32) -> Result<String, String> {
+pub fn partition_filter(subject: &str, partition: u32) -> Result<String, FilterError> {
     let tokens: Vec<&str> = subject.split('.').collect();
     if tokens
         .iter()
         .any(|t| t.is_empty() || t.contains(char::is_whitespace))
     {
-        return Err(format!("{subject:?} has an empty or blank token"));
+        return Err(FilterError(format!(
+            "{subject:?} has an empty or blank token"
+        )));
     }
     if tokens
         .iter()
         .position(|t| *t == ">")
         .is_some_and(|i| i != tokens.len() - 1)
     {
-        return Err(format!("{subject:?}: '>' may only be the last token"));
+        return Err(FilterError(format!(
+            "{subject:?}: '>' may only be the last token"
+        )));
     }
     if tokens
         .iter()
         .any(|t| *t != "*" && *t != ">" && (t.contains('*') || t.contains('>')))
     {
-        return Err(format!("{subject:?}: wildcards must be whole tokens"));
+        return Err(FilterError(format!(
+            "{subject:?}: wildcards must be whole tokens"
+        )));
     }
     let mut padded: Vec<&str> = tokens.clone();
     while padded.len() < 3 && padded.last() == Some(&">") {
         padded.insert(padded.len() - 1, "*");
     }
     if padded.len() < 4 && padded.last() != Some(&">") {
-        return Err(format!(
+        return Err(FilterError(format!(
             "{subject:?} needs <provider>.<domain>.<entity>.<event type…> (or end in '>')"
-        ));
+        )));
     }
     let partition = partition.to_string();
     let mut out = vec!["hook", padded[0], padded[1], partition.as_str()];
@@ -504,7 +534,7 @@ erp_prefix = "SO-"
         let cases = [
             (
                 "name = \"Order Sync\"\nsubject = \"crm.>\"",
-                "name \"Order Sync\": use 1–64 characters of [a-z0-9_-]",
+                "name: use 1–64 characters of [a-z0-9_-], not \"Order Sync\"",
             ),
             (
                 "name = \"x\"\nsubject = \"crm.order\"",

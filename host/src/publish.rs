@@ -17,13 +17,14 @@
 
 use std::time::{Duration, SystemTime};
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
-use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use crate::extract::{EventFields, kv_key};
+use crate::headers::{BadHeader, EventHeaders};
 use crate::streams::IDEMPOTENCY_BUCKET;
 use crate::subject::EventAddress;
 
@@ -92,8 +93,8 @@ pub enum PublishError {
     },
     /// A header value could not be encoded (fields are checked before, so
     /// this is a bug guard rather than an expected outcome).
-    #[error("header {0} cannot be encoded")]
-    Header(&'static str),
+    #[error(transparent)]
+    Header(#[from] BadHeader),
     /// The idempotency record of a stored event could not be encoded; the
     /// event is stored but not recorded, so the provider's retry (inside
     /// the duplicate window) is deduplicated and records it.
@@ -287,35 +288,23 @@ fn answer(publish_was_duplicate: bool, write: RecordWrite) -> Answer {
 
 /// The headers of DESIGN.md, "Message headers on `HOOK_EVENTS`".
 fn headers(event: &Inbound) -> Result<HeaderMap, PublishError> {
-    let mut map = HeaderMap::new();
-    let mut put = |name: &'static str, value: &str| -> Result<(), PublishError> {
-        let value: HeaderValue = value.parse().map_err(|_| PublishError::Header(name))?;
-        map.insert(name, value);
-        Ok(())
-    };
     let fields = &event.fields;
-    put("Nats-Msg-Id", &event.idempotency_key)?;
-    put("Hook-Provider", &event.provider)?;
-    if let Some(id) = &fields.event_id {
-        put("Hook-Event-Id", id)?;
+    let received_at = humantime::format_rfc3339_millis(event.received_at).to_string();
+    EventHeaders {
+        msg_id: &event.idempotency_key,
+        provider: &event.provider,
+        event_id: fields.event_id.as_deref(),
+        event_type: &fields.event_type,
+        domain: &fields.domain,
+        entity: &fields.entity_id,
+        entity_version: fields.entity_version.as_deref(),
+        received_at: &received_at,
+        correlation_id: &event.correlation_id,
+        traceparent: Some(&event.traceparent),
+        content_type: event.content_type.as_deref().unwrap_or("application/json"),
     }
-    put("Hook-Event-Type", &fields.event_type)?;
-    put("Hook-Domain", &fields.domain)?;
-    put("Hook-Entity", &fields.entity_id)?;
-    if let Some(version) = &fields.entity_version {
-        put("Hook-Entity-Version", version)?;
-    }
-    put(
-        "Hook-Received-At",
-        &humantime::format_rfc3339_millis(event.received_at).to_string(),
-    )?;
-    put("Hook-Correlation-Id", &event.correlation_id)?;
-    put("traceparent", &event.traceparent)?;
-    put(
-        "Content-Type",
-        event.content_type.as_deref().unwrap_or("application/json"),
-    )?;
-    Ok(map)
+    .to_map()
+    .map_err(PublishError::Header)
 }
 
 #[cfg(test)]

@@ -226,12 +226,7 @@ async fn start_background(bg: Background) -> ServeError {
     }
     let services = match NatsServices::open(&js).await {
         Ok(services) => services,
-        Err(message) => {
-            return ServeError::Dispatch(DispatchError::Nats {
-                what: "handler services".into(),
-                message,
-            });
-        }
+        Err(error) => return ServeError::Dispatch(error),
     };
     let dispatch = match Dispatch::new(
         js.clone(),

@@ -336,7 +336,7 @@ async fn what_is_not_a_handler_component_is_refused_and_nothing_is_uploaded() {
     );
     let bad_manifest = bed.fails(&["deploy", &trap, "--name", "Bad Name", "--subject", "crm.>"]);
     assert!(
-        bad_manifest.contains("name \"Bad Name\": use 1–64 characters of [a-z0-9_-]"),
+        bad_manifest.contains("name: use 1–64 characters of [a-z0-9_-], not \"Bad Name\""),
         "{bad_manifest}"
     );
     let no_manifest = bed.fails(&["deploy", &trap]);
@@ -616,8 +616,7 @@ async fn list_show_rollback_and_remove() {
 async fn the_library_watch_starts_with_the_current_state_then_follows() {
     let bed = Bed::new().await;
     let store = bed.store().await;
-    let noop = deploy::validate(&std::fs::read(guest("fixture_noop")).expect("read"))
-        .expect("a handler component");
+    let noop = validated("fixture_noop");
     let manifest = |name: &str| manifest(name, "fixture_noop", "crm.order.>");
     for name in ["alpha", "beta"] {
         let deployed = store
@@ -727,7 +726,7 @@ async fn concurrent_deploys_of_one_handler_each_get_their_own_version() {
     let store = bed.store().await;
     let components: Vec<_> = ["fixture_noop", "fixture_permanent", "fixture_flaky"]
         .iter()
-        .map(|c| deploy::validate(&std::fs::read(guest(c)).expect("read")).expect("valid"))
+        .map(|c| validated(c))
         .collect();
     let deploys = components.iter().map(|component| {
         let store = store.clone();

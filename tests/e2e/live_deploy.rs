@@ -282,8 +282,7 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
 
     // A component that traps while starting, past the CLI's own check (as
     // an older CLI or another tool could store it).
-    let bytes = std::fs::read(guest("fixture_trap_at_start")).expect("fixture");
-    let validated = deploy::validate(&bytes).expect("a well-formed handler component");
+    let validated = validated("fixture_trap_at_start");
     let manifest =
         Manifest::from_toml(&recorder_manifest("c", None), "rec-c.toml").expect("manifest");
     let store = bed.store().await;

@@ -462,6 +462,16 @@ pub fn guest(crate_name: &str) -> PathBuf {
     path
 }
 
+/// A built guest component validated for deploying (compiled once by a
+/// runtime shared by the tests, through the artifact cache).
+pub fn validated(crate_name: &str) -> hookmesh::deploy::Validated {
+    static RUNTIME: std::sync::OnceLock<hookmesh::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME
+        .get_or_init(|| hookmesh::runtime::Runtime::new(Some(guest_cache_dir())).expect("runtime"));
+    let bytes = std::fs::read(guest(crate_name)).expect("read the guest");
+    hookmesh::deploy::validate(runtime, &bytes).expect("a well-formed handler component")
+}
+
 /// A manifest for a built guest, with test-friendly limits.
 pub fn manifest(name: &str, crate_name: &str, subject: &str) -> hookmesh::manifest::Manifest {
     let text = format!(

@@ -11,6 +11,7 @@ use crate::audit;
 use crate::config::Config;
 use crate::manifest::Manifest;
 use crate::nats::{self, Patience};
+use crate::runtime::Runtime;
 
 /// `hookmesh deploy FILE.wasm --manifest FILE | --name N --subject S …`
 #[derive(Debug, Args)]
@@ -101,9 +102,11 @@ pub async fn deploy(config: &Config, args: DeployArgs) -> anyhow::Result<()> {
     let manifest = manifest_from(&args)?;
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let validated =
-        super::validate(&bytes).with_context(|| format!("{} refused", args.file.display()))?;
-    super::check_starts(&validated, &manifest)
+    // One compilation serves both checks.
+    let runtime = Runtime::new(None).context("building the wasm runtime")?;
+    let validated = super::validate(&runtime, &bytes)
+        .with_context(|| format!("{} refused", args.file.display()))?;
+    super::check_starts(&runtime, &validated, &manifest)
         .await
         .with_context(|| format!("{} refused", args.file.display()))?;
     let actor = audit::actor(args.actor.as_deref(), config);

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
@@ -18,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{Deployed, HandlerStore};
 use crate::manifest::{Manifest, manifest_paths};
+use crate::runtime::Runtime;
 
 /// How often DIR is looked at.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -44,6 +46,7 @@ pub async fn watch_dir(
     js: jetstream::Context,
     dir: PathBuf,
     actor: String,
+    runtime: Arc<Runtime>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let store = loop {
@@ -80,7 +83,7 @@ pub async fn watch_dir(
             }
             // Remembered once settled; a deploy NATS failed at is tried
             // again on the next look.
-            if deploy_one(&store, &path, &actor).await {
+            if deploy_one(&store, &runtime, &path, &actor).await {
                 seen.insert(path.clone(), print);
             }
         }
@@ -90,7 +93,12 @@ pub async fn watch_dir(
 /// Deploys the handler of one manifest file, saying why not when it
 /// cannot. `false` when NATS failed (worth another try), `true` when it is
 /// settled: deployed, unchanged, or refused for what the files hold.
-async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) -> bool {
+async fn deploy_one(
+    store: &HandlerStore,
+    runtime: &Arc<Runtime>,
+    path: &Path,
+    actor: &str,
+) -> bool {
     let manifest = match Manifest::load(path) {
         Ok(manifest) => manifest,
         Err(error) => {
@@ -109,11 +117,11 @@ async fn deploy_one(store: &HandlerStore, path: &Path, actor: &str) -> bool {
     };
     // Reading the file and compiling it to check its shape take up to
     // seconds: off the async workers, which carry the host's acks too.
-    let file = component.clone();
+    let (file, runtime) = (component.clone(), runtime.clone());
     let validated = match tokio::task::spawn_blocking(move || {
         std::fs::read(&file)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| super::validate(&bytes).map_err(|e| e.to_string()))
+            .and_then(|bytes| super::validate(&runtime, &bytes).map_err(|e| e.to_string()))
     })
     .await
     .map_err(|e| format!("validating: {e}"))

@@ -2,22 +2,21 @@
 //! implementing the world `hookmesh:handler/handler` (see `wit/handler.wit`)
 //! and importing nothing hookmesh does not provide.
 //!
-//! Two steps, so every refusal names its cause:
-//! [`validate`] looks at the bytes and the component's type (is it a
-//! component at all, does it export `handle` with the right shape, what does
-//! it import), and [`check_starts`] links and instantiates it once with the
-//! host's own runtime, as a host would before it takes over any event.
+//! Two steps over one compilation, so every refusal names its cause:
+//! [`validate`] compiles the bytes with the host's own runtime and looks at
+//! the component's type (is it a component at all, does it export `handle`
+//! with the right shape, what does it import), and [`check_starts`] links
+//! and instantiates that compiled component once, as a host would before it
+//! takes over any event.
 
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::Component;
 use wasmtime::component::types::{ComponentFunc, ComponentItem, Type};
-use wasmtime::{Config, Engine};
 
 use super::DeployError;
 use crate::manifest::Manifest;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Compiled, Runtime, RuntimeError};
 
 /// The interfaces of `hookmesh:handler` a handler may import.
 const HOOKMESH_INTERFACES: &[&str] = &["types", "log", "state", "mapping", "outbox", "config"];
@@ -50,18 +49,19 @@ const ERROR_CASES: &[(&str, &str)] = &[
     ("needs-human", "string"),
 ];
 
-/// A component that passed [`validate`]: its bytes, sha256 and size.
+/// A component that passed [`validate`]: its bytes, sha256 and size, and
+/// the compiled component.
 #[derive(Clone)]
 pub struct Validated {
     bytes: Vec<u8>,
-    digest: String,
+    compiled: Compiled,
     imports: Vec<String>,
 }
 
 impl std::fmt::Debug for Validated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Validated")
-            .field("digest", &self.digest)
+            .field("digest", &self.compiled.digest)
             .field("size", &self.bytes.len())
             .field("imports", &self.imports)
             .finish()
@@ -76,7 +76,7 @@ impl Validated {
 
     /// Its sha256, lowercase hex (the object name in `hook_handlers`).
     pub fn digest(&self) -> &str {
-        &self.digest
+        &self.compiled.digest
     }
 
     /// Its size in bytes.
@@ -100,23 +100,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// other file), exporting `handle: func(event: event) -> result<_,
 /// handler-error>` with exactly the WIT shapes, and importing only
 /// `hookmesh:handler/*` interfaces and WASI 0.2. The error names every
-/// problem found.
-pub fn validate(bytes: &[u8]) -> Result<Validated, DeployError> {
+/// problem found. Compiles with `runtime` (up to seconds of CPU: call it
+/// off the async workers); [`check_starts`] reuses that compilation.
+pub fn validate(runtime: &Runtime, bytes: &[u8]) -> Result<Validated, DeployError> {
     kind_of(bytes)?;
-    let mut config = Config::new();
-    config.wasm_component_model(true);
-    let engine = Engine::new(&config).map_err(|e| DeployError::Engine(format!("{e:#}")))?;
     let started = Instant::now();
-    let component = Component::new(&engine, bytes)
-        .map_err(|e| DeployError::Malformed(first_line(&format!("{e:#}"))))?;
+    let compiled = runtime.compile(bytes).map_err(|e| match e {
+        RuntimeError::Invalid { reason, .. } => DeployError::Malformed(first_line(&reason)),
+        other => DeployError::Engine(other.to_string()),
+    })?;
     tracing::debug!(elapsed = ?started.elapsed(), "component compiled for validation");
-    let ty = component.component_type();
+    let engine = runtime.engine();
+    let ty = compiled.component.component_type();
 
     let mut problems = Vec::new();
-    let handle = ty.exports(&engine).find(|(name, _)| *name == "handle");
+    let handle = ty.exports(engine).find(|(name, _)| *name == "handle");
     match handle {
         None => {
-            let exports: Vec<&str> = ty.exports(&engine).map(|(name, _)| name).collect();
+            let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
             problems.push(format!(
                 "it does not export `handle` (exports: {})",
                 list_or_none(&exports)
@@ -131,7 +132,7 @@ pub fn validate(bytes: &[u8]) -> Result<Validated, DeployError> {
         },
     }
     let mut imports = Vec::new();
-    for (name, import) in ty.imports(&engine) {
+    for (name, import) in ty.imports(engine) {
         let item = import.ty;
         if !matches!(item, ComponentItem::ComponentInstance(_)) {
             problems.push(format!(
@@ -148,18 +149,25 @@ pub fn validate(bytes: &[u8]) -> Result<Validated, DeployError> {
     }
     Ok(Validated {
         bytes: bytes.to_vec(),
-        digest: sha256_hex(bytes),
+        compiled,
         imports,
     })
 }
 
-/// Links the component with the host's runtime and instantiates it once
-/// under `manifest`'s limits, as a host does before activating a version:
-/// refuses what the runtime cannot link (an import of a version the host
-/// lacks) and a component that traps or fails while starting.
-pub async fn check_starts(validated: &Validated, manifest: &Manifest) -> Result<(), DeployError> {
-    let runtime = Runtime::new(None).map_err(|e| DeployError::Engine(e.to_string()))?;
-    match runtime.prepare(manifest.clone(), validated.bytes()).await {
+/// Links the component [`validate`] compiled with `runtime` and
+/// instantiates it once under `manifest`'s limits, as a host does before
+/// activating a version: refuses what the runtime cannot link (an import of
+/// a version the host lacks) and a component that traps or fails while
+/// starting.
+pub async fn check_starts(
+    runtime: &Runtime,
+    validated: &Validated,
+    manifest: &Manifest,
+) -> Result<(), DeployError> {
+    match runtime
+        .prepare_compiled(manifest.clone(), validated.compiled.clone(), None)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(RuntimeError::Instantiation { reason, .. }) => {
             Err(DeployError::DoesNotStart(trap_summary(&reason)))

@@ -265,7 +265,13 @@ impl Dispatch {
                 Ok(input) => input,
                 Err(error) => {
                     return self
-                        .dead_letter(prepared, &original, attempt, Reason::Permanent, &error)
+                        .dead_letter(
+                            prepared,
+                            &original,
+                            attempt,
+                            Reason::Permanent,
+                            &error.to_string(),
+                        )
                         .await;
                 }
             };

@@ -3,12 +3,13 @@
 
 use std::time::SystemTime;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream;
-use async_nats::{HeaderMap, HeaderValue};
 use futures::future::try_join_all;
 
+use crate::headers::{self as header, BadHeader, EventHeaders};
 use crate::runtime::{Emit, EventInput};
-use crate::subject::{EventAddress, default_domain};
+use crate::subject::{EventAddress, TokenError, default_domain};
 
 /// What an emit inherits from the event that caused it.
 #[derive(Debug, Clone)]
@@ -30,17 +31,29 @@ impl Source {
             traceparent: input
                 .headers
                 .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+                .find(|(k, _)| k.eq_ignore_ascii_case(header::TRACEPARENT))
                 .map(|(_, v)| v.clone()),
         }
     }
 }
 
+/// Why a stored message cannot be run as an event (it is dead-lettered as
+/// a permanent failure).
+#[derive(Debug, thiserror::Error)]
+pub enum NotAnEvent {
+    /// The delivery carries no JetStream metadata.
+    #[error("delivery without JetStream metadata: {0}")]
+    NoMetadata(#[source] async_nats::Error),
+    /// The subject is not `hook.<provider>.<domain>.<partition>.<entity>.<type…>`.
+    #[error("not a hookmesh event subject: {0}")]
+    Subject(#[source] TokenError),
+}
+
 /// The event of delivery number `delivery` of a message. Headers hookmesh
 /// wrote are preferred; a message someone published by hand falls back to
 /// what its subject says.
-pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, String> {
-    let info = message.info().map_err(|e| e.to_string())?;
+pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, NotAnEvent> {
+    let info = message.info().map_err(NotAnEvent::NoMetadata)?;
     input_from(
         &message.subject,
         message.headers.as_ref(),
@@ -59,9 +72,8 @@ pub fn input_from(
     payload: &[u8],
     stream_seq: u64,
     attempt: u64,
-) -> Result<EventInput, String> {
-    let address =
-        EventAddress::parse(subject).map_err(|e| format!("not a hookmesh event subject: {e}"))?;
+) -> Result<EventInput, NotAnEvent> {
+    let address = EventAddress::parse(subject).map_err(NotAnEvent::Subject)?;
     let headers: Vec<(String, String)> = headers
         .iter()
         .flat_map(|map| map.iter())
@@ -78,22 +90,55 @@ pub fn input_from(
             .map(|(_, v)| v.clone())
     };
     Ok(EventInput {
-        id: get("Hook-Event-Id"),
-        idempotency_key: get("Nats-Msg-Id").unwrap_or_else(|| format!("seq:{stream_seq}")),
-        provider: get("Hook-Provider").unwrap_or(address.provider),
-        event_type: get("Hook-Event-Type").unwrap_or(address.event_type),
-        domain: get("Hook-Domain").unwrap_or(address.domain),
-        entity_id: get("Hook-Entity").unwrap_or(address.entity),
-        entity_version: get("Hook-Entity-Version"),
-        correlation_id: get("Hook-Correlation-Id")
+        id: get(header::EVENT_ID),
+        idempotency_key: get(header::MSG_ID).unwrap_or_else(|| format!("seq:{stream_seq}")),
+        provider: get(header::PROVIDER).unwrap_or(address.provider),
+        event_type: get(header::EVENT_TYPE).unwrap_or(address.event_type),
+        domain: get(header::DOMAIN).unwrap_or(address.domain),
+        entity_id: get(header::ENTITY).unwrap_or(address.entity),
+        entity_version: get(header::ENTITY_VERSION),
+        correlation_id: get(header::CORRELATION_ID)
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        received_at: get("Hook-Received-At")
+        received_at: get(header::RECEIVED_AT)
             .unwrap_or_else(|| humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
         subject: subject.to_string(),
         attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
         headers,
         payload: payload.to_vec(),
     })
+}
+
+/// Why a handler's emits could not be published; the event is retried
+/// (the emits that did land are deduplicated by their ids).
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    /// An emit without an event type or entity id.
+    #[error("emit {index}: event type and entity id must not be empty")]
+    Empty {
+        /// The emit's index within the invocation.
+        index: usize,
+    },
+    /// A value that cannot be a message header.
+    #[error("emit {index}: {source}")]
+    Header {
+        /// The emit's index within the invocation.
+        index: usize,
+        /// Which header.
+        #[source]
+        source: BadHeader,
+    },
+    /// The publish could not be sent.
+    #[error("emit {index}: publish: {source}")]
+    Publish {
+        /// The emit's index within the invocation.
+        index: usize,
+        /// The client's error.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// JetStream did not acknowledge an emit.
+    #[error("emit: PubAck: {0}")]
+    PubAck(#[source] jetstream::context::PublishError),
 }
 
 /// Publishes a handler's emits and waits for every PubAck. Each carries
@@ -105,11 +150,14 @@ pub async fn publish_emits(
     source: &Source,
     emits: &[Emit],
     partitions: u32,
-) -> Result<(), String> {
+) -> Result<(), EmitError> {
     let received_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let mut acks = Vec::with_capacity(emits.len());
-    for (n, emit) in emits.iter().enumerate() {
-        let id = format!("{handler}:{}:{n}", source.idempotency_key);
+    for (index, emit) in emits.iter().enumerate() {
+        if emit.event_type.is_empty() || emit.entity_id.is_empty() {
+            return Err(EmitError::Empty { index });
+        }
+        let id = format!("{handler}:{}:{index}", source.idempotency_key);
         let domain = default_domain(&emit.event_type).to_string();
         let address = EventAddress::new(
             handler,
@@ -118,39 +166,29 @@ pub async fn publish_emits(
             &emit.event_type,
             partitions,
         );
-        let mut headers = HeaderMap::new();
-        let mut put = |name: &'static str, value: &str| -> Result<(), String> {
-            let value: HeaderValue = value
-                .parse()
-                .map_err(|_| format!("emit {n}: {name} {value:?} cannot be a header value"))?;
-            headers.insert(name, value);
-            Ok(())
-        };
-        if emit.event_type.is_empty() || emit.entity_id.is_empty() {
-            return Err(format!(
-                "emit {n}: event type and entity id must not be empty"
-            ));
+        let headers = EventHeaders {
+            msg_id: &id,
+            provider: handler,
+            event_id: Some(&id),
+            event_type: &emit.event_type,
+            domain: &domain,
+            entity: &emit.entity_id,
+            entity_version: None,
+            received_at: &received_at,
+            correlation_id: &source.correlation_id,
+            traceparent: source.traceparent.as_deref(),
+            content_type: "application/json",
         }
-        put("Nats-Msg-Id", &id)?;
-        put("Hook-Provider", handler)?;
-        put("Hook-Event-Id", &id)?;
-        put("Hook-Event-Type", &emit.event_type)?;
-        put("Hook-Domain", &domain)?;
-        put("Hook-Entity", &emit.entity_id)?;
-        put("Hook-Received-At", &received_at)?;
-        put("Hook-Correlation-Id", &source.correlation_id)?;
-        if let Some(traceparent) = &source.traceparent {
-            put("traceparent", traceparent)?;
-        }
-        put("Content-Type", "application/json")?;
+        .to_map()
+        .map_err(|source| EmitError::Header { index, source })?;
         let ack = js
             .publish_with_headers(address.subject(), headers, emit.payload.clone().into())
             .await
-            .map_err(|e| format!("emit {n}: publish: {e}"))?;
+            .map_err(|source| EmitError::Publish { index, source })?;
         acks.push(ack);
     }
     try_join_all(acks.into_iter().map(|ack| async move { ack.await }))
         .await
-        .map_err(|e| format!("emit: PubAck: {e}"))?;
+        .map_err(EmitError::PubAck)?;
     Ok(())
 }

@@ -47,13 +47,35 @@ use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM, LEASES_BUCKET};
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     /// A stream, bucket or consumer could not be reached or made.
-    #[error("{what}: {message}")]
+    #[error("{what}: {source}")]
     Nats {
         /// What was being done.
         what: String,
-        /// The client's message.
-        message: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
     },
+    /// The manifest's subject filter makes no consumer filter.
+    #[error("handler {handler}: {source}")]
+    Filter {
+        /// The handler.
+        handler: String,
+        /// What is wrong with its filter.
+        #[source]
+        source: crate::manifest::FilterError,
+    },
+    /// An attempt or park record could not be read or written.
+    #[error(transparent)]
+    Record(#[from] crate::records::RecordError),
+}
+
+impl DispatchError {
+    pub(crate) fn nats(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+        DispatchError::Nats {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
 }
 
 /// One handler's current version; replaced as a whole on deploy, so an
@@ -186,20 +208,14 @@ impl Dispatch {
         partitions: u32,
         metrics: Metrics,
     ) -> Result<Arc<Self>, DispatchError> {
-        let attempts =
-            js.get_key_value(ATTEMPTS_BUCKET)
-                .await
-                .map_err(|e| DispatchError::Nats {
-                    what: format!("KV bucket {ATTEMPTS_BUCKET}"),
-                    message: e.to_string(),
-                })?;
+        let attempts = js
+            .get_key_value(ATTEMPTS_BUCKET)
+            .await
+            .map_err(|e| DispatchError::nats(format!("KV bucket {ATTEMPTS_BUCKET}"), e))?;
         let leases = js
             .get_key_value(LEASES_BUCKET)
             .await
-            .map_err(|e| DispatchError::Nats {
-                what: format!("KV bucket {LEASES_BUCKET}"),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| DispatchError::nats(format!("KV bucket {LEASES_BUCKET}"), e))?;
         Ok(Arc::new(Dispatch {
             js,
             runtime,
@@ -292,14 +308,20 @@ impl Dispatch {
     pub fn consumer_config(
         manifest: &Manifest,
         partition: u32,
-    ) -> Result<consumer::pull::Config, String> {
+    ) -> Result<consumer::pull::Config, DispatchError> {
+        let filter_subject = partition_filter(&manifest.subject, partition).map_err(|source| {
+            DispatchError::Filter {
+                handler: manifest.name.clone(),
+                source,
+            }
+        })?;
         Ok(consumer::pull::Config {
             durable_name: Some(manifest.consumer_name(partition)),
             description: Some(format!(
                 "hookmesh handler {} partition {partition}",
                 manifest.name
             )),
-            filter_subject: partition_filter(&manifest.subject, partition)?,
+            filter_subject,
             ack_policy: consumer::AckPolicy::Explicit,
             deliver_policy: consumer::DeliverPolicy::All,
             max_deliver: manifest.max_deliver,
@@ -317,18 +339,13 @@ impl Dispatch {
         manifest: &Manifest,
         partition: u32,
     ) -> Result<consumer::PullConsumer, DispatchError> {
-        let nats = |what: String, e: &dyn std::fmt::Display| DispatchError::Nats {
-            what,
-            message: e.to_string(),
-        };
-        let config = Self::consumer_config(manifest, partition)
-            .map_err(|e| nats(manifest.name.clone(), &e))?;
+        let config = Self::consumer_config(manifest, partition)?;
         let name = manifest.consumer_name(partition);
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| nats(EVENTS_STREAM.to_string(), &e))?;
+            .map_err(|e| DispatchError::nats(EVENTS_STREAM, e))?;
         // A consumer already as the manifest wants it is left alone: an
         // update is a write to the server's consumer state for nothing.
         if let Ok(mut existing) = stream.get_consumer::<consumer::pull::Config>(&name).await
@@ -340,7 +357,7 @@ impl Dispatch {
         stream
             .create_consumer(config)
             .await
-            .map_err(|e| nats(format!("consumer {name}"), &e))
+            .map_err(|e| DispatchError::nats(format!("consumer {name}"), e))
     }
 
     /// A handler's partition consumer as it is on the server.
@@ -350,17 +367,13 @@ impl Dispatch {
         partition: u32,
     ) -> Result<consumer::PullConsumer, DispatchError> {
         let name = manifest.consumer_name(partition);
-        let nats = |what: String, e: &dyn std::fmt::Display| DispatchError::Nats {
-            what,
-            message: e.to_string(),
-        };
         self.js
             .get_stream_no_info(EVENTS_STREAM)
             .await
-            .map_err(|e| nats(EVENTS_STREAM.to_string(), &e))?
+            .map_err(|e| DispatchError::nats(EVENTS_STREAM, e))?
             .get_consumer(&name)
             .await
-            .map_err(|e| nats(format!("consumer {name}"), &e))
+            .map_err(|e| DispatchError::nats(format!("consumer {name}"), e))
     }
 
     /// Lifts the hold a last delivery placed before it ran, now that it
@@ -412,7 +425,7 @@ impl Dispatch {
             )
             .await
             .map(|()| invoked.emits.len())
-            .map_err(|error| (Reason::Transient, error)),
+            .map_err(|error| (Reason::Transient, error.to_string())),
             Verdict::Transient(error) => Err((Reason::Transient, error)),
             Verdict::Trap(error) => Err((Reason::Trap, error)),
             Verdict::Permanent(error) => Err((Reason::Permanent, error)),
@@ -498,10 +511,10 @@ pub async fn attempt_record(
     js: &jetstream::Context,
     handler: &str,
     stream_seq: u64,
-) -> Result<Option<AttemptRecord>, String> {
+) -> Result<Option<AttemptRecord>, DispatchError> {
     let bucket = js
         .get_key_value(ATTEMPTS_BUCKET)
         .await
-        .map_err(|e| e.to_string())?;
-    attempts::read(&bucket, handler, stream_seq).await
+        .map_err(|e| DispatchError::nats(format!("KV bucket {ATTEMPTS_BUCKET}"), e))?;
+    Ok(attempts::read(&bucket, handler, stream_seq).await?)
 }

@@ -509,7 +509,7 @@ async fn attempts_loop(
                     .instrument(span.clone())
                     .await
             }
-            Err(error) => Err((Reason::Permanent, error)),
+            Err(error) => Err((Reason::Permanent, error.to_string())),
         };
         drop(permit);
         let (reason, error) = match outcome {

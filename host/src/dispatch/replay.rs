@@ -110,7 +110,7 @@ impl Dispatch {
             attempt,
         ) {
             Ok(input) => input,
-            Err(error) => return ReplayAnswer::Refused(error),
+            Err(error) => return ReplayAnswer::Refused(error.to_string()),
         };
         let span = info_span!(
             "replay",

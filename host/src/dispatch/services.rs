@@ -5,6 +5,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+use super::DispatchError;
 use crate::extract::kv_key;
 use crate::runtime::{MappingFailure, Revisioned, Services, StateFailure};
 use crate::streams::{MAPPINGS_BUCKET, STATE_BUCKET};
@@ -18,11 +19,11 @@ pub struct NatsServices {
 
 impl NatsServices {
     /// Opens the buckets (they must exist: `streams::apply` makes them).
-    pub async fn open(js: &jetstream::Context) -> Result<Self, String> {
+    pub async fn open(js: &jetstream::Context) -> Result<Self, DispatchError> {
         let open = |bucket: &'static str| async move {
             js.get_key_value(bucket)
                 .await
-                .map_err(|e| format!("KV bucket {bucket}: {e}"))
+                .map_err(|e| DispatchError::nats(format!("KV bucket {bucket}"), e))
         };
         Ok(NatsServices {
             state: open(STATE_BUCKET).await?,

@@ -11,27 +11,13 @@ use bytes::Bytes;
 use super::DlqError;
 use crate::subject::EVENT_PREFIX;
 
-/// `Hook-Dlq-Handler`: the handler that gave up.
-pub const HANDLER: &str = "Hook-Dlq-Handler";
-/// `Hook-Dlq-Handler-Version`: its version at the last failure.
-pub const HANDLER_VERSION: &str = "Hook-Dlq-Handler-Version";
-/// `Hook-Dlq-Reason`: `max-deliveries`, `permanent`, `needs-human` or `trap`.
-pub const REASON: &str = "Hook-Dlq-Reason";
-/// `Hook-Dlq-Error`: the last error.
-pub const ERROR: &str = "Hook-Dlq-Error";
-/// `Hook-Dlq-Attempts`: failed attempts.
-pub const ATTEMPTS: &str = "Hook-Dlq-Attempts";
-/// `Hook-Dlq-Stream-Seq`: the event's sequence in `HOOK_EVENTS`.
-pub const STREAM_SEQ: &str = "Hook-Dlq-Stream-Seq";
-/// `Hook-Dlq-Subject`: the event's subject in `HOOK_EVENTS`.
-pub const SUBJECT: &str = "Hook-Dlq-Subject";
-/// `Hook-Dlq-First-Failure` (RFC 3339).
-pub const FIRST_FAILURE: &str = "Hook-Dlq-First-Failure";
-/// `Hook-Dlq-Last-Failure` (RFC 3339).
-pub const LAST_FAILURE: &str = "Hook-Dlq-Last-Failure";
-/// The event's own `Nats-Msg-Id` (its idempotency key): the dead letter's
-/// `Nats-Msg-Id` is its own, and a replay's emits derive from this one.
-pub const IDEMPOTENCY_KEY: &str = "Hook-Idempotency-Key";
+pub use crate::headers::{
+    DLQ_ATTEMPTS as ATTEMPTS, DLQ_ERROR as ERROR, DLQ_FIRST_FAILURE as FIRST_FAILURE,
+    DLQ_HANDLER as HANDLER, DLQ_HANDLER_VERSION as HANDLER_VERSION,
+    DLQ_LAST_FAILURE as LAST_FAILURE, DLQ_REASON as REASON, DLQ_STREAM_SEQ as STREAM_SEQ,
+    DLQ_SUBJECT as SUBJECT, IDEMPOTENCY_KEY,
+};
+use crate::headers::{DLQ_PREFIX, MSG_ID};
 
 /// Longest error kept in a header; longer ones are cut at a char boundary.
 const MAX_ERROR_BYTES: usize = 2048;
@@ -176,11 +162,11 @@ fn headers(original: &Original, failure: &Failure, msg_id: &str) -> HeaderMap {
     let mut idempotency_key = None;
     for (name, values) in original.headers.iter() {
         let name_str: &str = name.as_ref();
-        if name_str.eq_ignore_ascii_case("Nats-Msg-Id") {
+        if name_str.eq_ignore_ascii_case(MSG_ID) {
             idempotency_key = values.first().map(|v| v.as_str().to_string());
             continue;
         }
-        if name_str.starts_with("Hook-Dlq-") || name_str.starts_with("Nats-Expected") {
+        if name_str.starts_with(DLQ_PREFIX) || name_str.starts_with("Nats-Expected") {
             continue;
         }
         for value in values {
@@ -190,7 +176,7 @@ fn headers(original: &Original, failure: &Failure, msg_id: &str) -> HeaderMap {
     let mut put = |name: &'static str, value: &str| {
         headers.insert(name, header_value(value));
     };
-    put("Nats-Msg-Id", msg_id);
+    put(MSG_ID, msg_id);
     if let Some(key) = original
         .headers
         .get(IDEMPOTENCY_KEY)
@@ -308,8 +294,8 @@ impl DeadLetter {
         let mut headers = HeaderMap::new();
         for (name, values) in self.headers.iter() {
             let n: &str = name.as_ref();
-            if n.starts_with("Hook-Dlq-")
-                || n.eq_ignore_ascii_case("Nats-Msg-Id")
+            if n.starts_with(DLQ_PREFIX)
+                || n.eq_ignore_ascii_case(MSG_ID)
                 || n.eq_ignore_ascii_case(IDEMPOTENCY_KEY)
             {
                 continue;
@@ -319,7 +305,7 @@ impl DeadLetter {
             }
         }
         if let Some(key) = self.header(IDEMPOTENCY_KEY) {
-            headers.insert("Nats-Msg-Id", key);
+            headers.insert(MSG_ID, key);
         }
         Original {
             subject: self.subject.clone(),

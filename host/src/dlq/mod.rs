@@ -36,13 +36,17 @@ pub const WRITER_CONSUMER: &str = "dlq_writer";
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     /// NATS refused or did not answer.
-    #[error("{what}: {message}")]
+    #[error("{what}: {source}")]
     Nats {
         /// What was being done.
         what: String,
-        /// The client's message.
-        message: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
     },
+    /// An attempt or park record could not be read or written.
+    #[error(transparent)]
+    Record(#[from] crate::records::RecordError),
     /// No dead letter has that sequence.
     #[error("no dead letter with sequence {0} in HOOK_DLQ")]
     NotFound(u64),
@@ -65,10 +69,10 @@ pub enum DlqError {
 }
 
 impl DlqError {
-    pub(crate) fn nats(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
+    pub(crate) fn nats(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
         DlqError::Nats {
             what: what.into(),
-            message: error.to_string(),
+            source: source.into(),
         }
     }
 }

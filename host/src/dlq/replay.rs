@@ -17,12 +17,9 @@ use super::DlqError;
 
 /// The queue group replay services join.
 pub const QUEUE_GROUP: &str = "hookmesh";
-/// Header: the `HOOK_DLQ` sequence to replay.
-pub const SEQ_HEADER: &str = "Hook-Replay-Seq";
-/// Header: who asked.
-pub const ACTOR_HEADER: &str = "Hook-Replay-Actor";
-/// Header: `replaced` when the body is a fixed payload.
-pub const PAYLOAD_HEADER: &str = "Hook-Replay-Payload";
+pub use crate::headers::{
+    REPLAY_ACTOR as ACTOR_HEADER, REPLAY_PAYLOAD as PAYLOAD_HEADER, REPLAY_SEQ as SEQ_HEADER,
+};
 
 /// The subject a handler's replay service listens on.
 pub fn subject(handler: &str) -> String {

@@ -5,7 +5,8 @@
 use std::time::SystemTime;
 
 use async_nats::jetstream::kv;
-use bytes::Bytes;
+
+use super::{Change, RecordError, modify};
 use serde::{Deserialize, Serialize};
 
 /// Why a delivery failed.
@@ -79,20 +80,13 @@ pub struct Failure<'a> {
 /// compare-and-set on the record's revision: a replay, a drainer and a
 /// partition owner may write an event's record, and none loses another's
 /// count.
-pub async fn record(bucket: &kv::Store, failure: Failure<'_>) -> Result<AttemptRecord, String> {
+pub async fn record(
+    bucket: &kv::Store,
+    failure: Failure<'_>,
+) -> Result<AttemptRecord, RecordError> {
     let key = key(failure.handler, failure.stream_seq);
-    for _ in 0..16 {
+    modify(bucket, &key, |previous: Option<AttemptRecord>| {
         let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let entry = bucket.entry(&key).await.map_err(|e| e.to_string())?;
-        let (previous, revision) = match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                let previous: AttemptRecord = serde_json::from_slice(&entry.value)
-                    .map_err(|e| format!("attempt record {key} is unreadable: {e}"))?;
-                (Some(previous), Some(entry.revision))
-            }
-            Some(entry) => (None, Some(entry.revision)),
-            None => (None, None),
-        };
         let record = AttemptRecord {
             handler: failure.handler.to_string(),
             handler_version: failure.handler_version.to_string(),
@@ -106,50 +100,19 @@ pub async fn record(bucket: &kv::Store, failure: Failure<'_>) -> Result<AttemptR
             last_failure: now,
             resolved: None,
         };
-        let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
-        let written = match revision {
-            Some(revision) => bucket
-                .update(&key, value, revision)
-                .await
-                .map(drop)
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                }),
-            None => bucket.create(&key, value).await.map(drop).map_err(|e| {
-                (
-                    e.kind() == kv::CreateErrorKind::AlreadyExists,
-                    e.to_string(),
-                )
-            }),
-        };
-        match written {
-            Ok(()) => return Ok(record),
-            // Written by someone else since it was read: again.
-            Err((true, _)) => continue,
-            Err((false, message)) => return Err(message),
-        }
-    }
-    Err(format!("attempt record {key}: too many concurrent changes"))
+        Change::Put(record.clone(), record)
+    })
+    .await
 }
 
-/// Reads an event's record.
+/// Reads an event's record. An unreadable record is an error, never "no
+/// failures yet": that would start the attempt count again.
 pub async fn read(
     bucket: &kv::Store,
     handler: &str,
     stream_seq: u64,
-) -> Result<Option<AttemptRecord>, String> {
-    let key = key(handler, stream_seq);
-    match bucket.get(&key).await.map_err(|e| e.to_string())? {
-        // An unreadable record is an error, never "no failures yet": that
-        // would start the attempt count again.
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| format!("attempt record {key} is unreadable: {e}")),
-        None => Ok(None),
-    }
+) -> Result<Option<AttemptRecord>, RecordError> {
+    Ok(super::read(bucket, &key(handler, stream_seq)).await?.0)
 }
 
 /// Marks an event's dead letter resolved (`how`: `replayed`, `purged`),
@@ -160,31 +123,33 @@ pub async fn resolve(
     stream_seq: u64,
     subject: &str,
     how: &str,
-) -> Result<(), String> {
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    let record = match read(bucket, handler, stream_seq).await? {
-        Some(record) => AttemptRecord {
-            resolved: Some(how.to_string()),
-            ..record
+) -> Result<(), RecordError> {
+    modify(
+        bucket,
+        &key(handler, stream_seq),
+        |record: Option<AttemptRecord>| {
+            let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            let record = match record {
+                Some(record) => AttemptRecord {
+                    resolved: Some(how.to_string()),
+                    ..record
+                },
+                None => AttemptRecord {
+                    handler: handler.to_string(),
+                    handler_version: String::new(),
+                    stream_seq,
+                    subject: subject.to_string(),
+                    attempts: 0,
+                    last_delivery: 0,
+                    last_error: String::new(),
+                    reason: Reason::Transient,
+                    first_failure: now.clone(),
+                    last_failure: now,
+                    resolved: Some(how.to_string()),
+                },
+            };
+            Change::Put(record, ())
         },
-        None => AttemptRecord {
-            handler: handler.to_string(),
-            handler_version: String::new(),
-            stream_seq,
-            subject: subject.to_string(),
-            attempts: 0,
-            last_delivery: 0,
-            last_error: String::new(),
-            reason: Reason::Transient,
-            first_failure: now.clone(),
-            last_failure: now,
-            resolved: Some(how.to_string()),
-        },
-    };
-    let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
-    bucket
-        .put(key(handler, stream_seq), Bytes::from(value))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    )
+    .await
 }

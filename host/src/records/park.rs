@@ -21,8 +21,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::kv::{self, Operation};
-use bytes::Bytes;
+use async_nats::jetstream::kv;
 use serde::{Deserialize, Serialize};
 
 use super::RecordError;
@@ -97,119 +96,25 @@ fn millis(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// What a change does to a record.
-enum Change<T> {
-    /// Write this record.
-    Put(ParkRecord, T),
-    /// Delete the record.
-    Delete(T),
-    /// Leave it.
-    Keep(T),
-}
-
 /// Reads the record at `key` (`None` when there is none) and its revision.
 pub async fn read(
     bucket: &kv::Store,
     key: &str,
 ) -> Result<(Option<ParkRecord>, Option<u64>), RecordError> {
-    let entry = bucket
-        .entry(key)
-        .await
-        .map_err(|e| RecordError::new(format!("park record {key}"), e))?;
-    Ok(match entry {
-        Some(entry) if entry.operation == Operation::Put => {
-            let record = serde_json::from_slice(&entry.value).map_err(|e| RecordError {
-                what: format!("park record {key}"),
-                message: format!("unreadable: {e}"),
-            })?;
-            (Some(record), Some(entry.revision))
-        }
-        Some(entry) => (None, Some(entry.revision)),
-        None => (None, None),
-    })
+    super::read(bucket, key).await
 }
 
-/// Applies `change` to the record with compare-and-set, re-reading and
-/// re-applying when another writer got there first.
+/// Applies `change` to the park record at `key` (see [`super::modify`]).
 async fn modify<T>(
     bucket: &kv::Store,
     key: &str,
-    mut change: impl FnMut(Option<ParkRecord>) -> Change<T>,
+    change: impl FnMut(Option<ParkRecord>) -> Change<T>,
 ) -> Result<T, RecordError> {
-    for _ in 0..64 {
-        let (record, revision) = read(bucket, key).await?;
-        let existed = record.is_some();
-        let written = match change(record) {
-            Change::Keep(result) => return Ok(result),
-            Change::Delete(result) if !existed => return Ok(result),
-            Change::Put(record, result) => {
-                let value = serde_json::to_vec(&record).map_err(|e| RecordError {
-                    what: format!("park record {key}"),
-                    message: e.to_string(),
-                })?;
-                let value = Bytes::from(value);
-                let written = match revision {
-                    Some(revision) => bucket
-                        .update(key, value, revision)
-                        .await
-                        .map(drop)
-                        .map_err(|e| Written::of_update(&e)),
-                    None => bucket
-                        .create(key, value)
-                        .await
-                        .map(drop)
-                        .map_err(|e| Written::of_create(&e)),
-                };
-                written.map(|()| result)
-            }
-            Change::Delete(result) => bucket
-                .delete_expect_revision(key, revision)
-                .await
-                .map(|()| result)
-                .map_err(|e| Written::of_update(&e)),
-        };
-        match written {
-            Ok(result) => return Ok(result),
-            // Another writer changed the record since it was read: again.
-            Err(Written::Conflict) => continue,
-            Err(Written::Failed(message)) => {
-                return Err(RecordError {
-                    what: format!("park record {key}"),
-                    message,
-                });
-            }
-        }
-    }
-    Err(RecordError {
-        what: format!("park record {key}"),
-        message: "too many concurrent changes".into(),
-    })
+    super::modify(bucket, key, change).await
 }
 
-/// Why a compare-and-set write did not land.
-enum Written {
-    /// The record changed since it was read.
-    Conflict,
-    /// NATS failed.
-    Failed(String),
-}
-
-impl Written {
-    /// An update or delete (a delete is an update in KV).
-    fn of_update(e: &kv::UpdateError) -> Written {
-        match e.kind() {
-            kv::UpdateErrorKind::WrongLastRevision => Written::Conflict,
-            _ => Written::Failed(e.to_string()),
-        }
-    }
-
-    fn of_create(e: &kv::CreateError) -> Written {
-        match e.kind() {
-            kv::CreateErrorKind::AlreadyExists => Written::Conflict,
-            _ => Written::Failed(e.to_string()),
-        }
-    }
-}
+/// What a change does to a park record.
+type Change<T> = super::Change<ParkRecord, T>;
 
 /// Parks the entity of `subject` behind its dead letter `stream_seq`.
 pub async fn hold(

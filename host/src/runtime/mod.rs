@@ -174,6 +174,50 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
+/// A compiled component and the sha256 of its bytes: compiled once, then
+/// inspected ([`Runtime::engine`]) and prepared ([`Runtime::prepare_compiled`]).
+#[derive(Clone)]
+pub struct Compiled {
+    /// The compiled component (cheap to clone).
+    pub component: Component,
+    /// The sha256 of its bytes, lowercase hex.
+    pub digest: String,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled")
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+/// Compiles `bytes` for `engine`, through the artifact cache when there is
+/// one.
+fn compile(
+    engine: &Engine,
+    cache: Option<&cache::ArtifactCache>,
+    bytes: &[u8],
+) -> Result<Compiled, String> {
+    let digest = hex::encode(Sha256::digest(bytes));
+    let component = match cache {
+        Some(cache) => cache.load_or_compile(&digest, bytes)?,
+        None => Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?,
+    };
+    Ok(Compiled { component, digest })
+}
+
+/// Refuses a manifest asking for more memory than the pool's slots hold.
+fn check_memory(manifest: &Manifest) -> Result<(), RuntimeError> {
+    if manifest.memory > MAX_MEMORY {
+        return Err(RuntimeError::TooMuchMemory {
+            handler: manifest.name.clone(),
+            requested: manifest.memory,
+        });
+    }
+    Ok(())
+}
+
 /// The per-invocation store data.
 struct Invocation {
     wasi: WasiCtx,
@@ -276,6 +320,21 @@ impl Runtime {
         })
     }
 
+    /// The engine components are compiled for (to look at a compiled
+    /// component's types).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles `bytes` (or loads the artifact from the cache). Takes up to
+    /// seconds of CPU: call it off the async workers.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, RuntimeError> {
+        compile(&self.engine, self.cache.as_ref(), bytes).map_err(|reason| RuntimeError::Invalid {
+            handler: String::new(),
+            reason,
+        })
+    }
+
     /// Compiles (or loads from the cache) a component, checks that it is a
     /// hookmesh handler, and instantiates it once to prove it starts.
     pub async fn prepare(
@@ -294,34 +353,39 @@ impl Runtime {
         bytes: &[u8],
         version: Option<String>,
     ) -> Result<Arc<Prepared>, RuntimeError> {
+        check_memory(&manifest)?;
         let handler = manifest.name.clone();
-        if manifest.memory > MAX_MEMORY {
-            return Err(RuntimeError::TooMuchMemory {
-                handler,
-                requested: manifest.memory,
-            });
-        }
-        let digest = hex::encode(Sha256::digest(bytes));
+        // Compiling takes up to seconds of CPU: off the async workers, so a
+        // live deploy does not stall the acks and requests sharing them.
+        let (engine, cache, owned) = (self.engine.clone(), self.cache.clone(), bytes.to_vec());
+        let compiled =
+            tokio::task::spawn_blocking(move || compile(&engine, cache.as_ref(), &owned))
+                .await
+                .map_err(|e| format!("compiling: {e}"))
+                .and_then(|compiled| compiled)
+                .map_err(|reason| RuntimeError::Invalid {
+                    handler: handler.clone(),
+                    reason,
+                })?;
+        self.prepare_compiled(manifest, compiled, version).await
+    }
+
+    /// Links a compiled component for `manifest` and instantiates it once
+    /// to prove it starts (a component that cannot even start is refused
+    /// before it takes over any event).
+    pub async fn prepare_compiled(
+        &self,
+        manifest: Manifest,
+        compiled: Compiled,
+        version: Option<String>,
+    ) -> Result<Arc<Prepared>, RuntimeError> {
+        check_memory(&manifest)?;
+        let handler = manifest.name.clone();
         let invalid = |reason: String| RuntimeError::Invalid {
             handler: handler.clone(),
             reason,
         };
-        // Compiling takes up to seconds of CPU: off the async workers, so a
-        // live deploy does not stall the acks and requests sharing them.
-        let (engine, cache, owned, key) = (
-            self.engine.clone(),
-            self.cache.clone(),
-            bytes.to_vec(),
-            digest.clone(),
-        );
-        let component = tokio::task::spawn_blocking(move || match &cache {
-            Some(cache) => cache.load_or_compile(&key, &owned),
-            None => Component::new(&engine, &owned).map_err(|e| format!("{e:#}")),
-        })
-        .await
-        .map_err(|e| format!("compiling: {e}"))
-        .and_then(|compiled| compiled)
-        .map_err(invalid)?;
+        let Compiled { component, digest } = compiled;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -333,8 +397,6 @@ impl Runtime {
             manifest: Arc::new(manifest),
             pre,
         };
-        // A component that cannot even start is refused before it takes
-        // over any event.
         let services: Arc<dyn Services> = Arc::new(MemoryServices::default());
         let mut store = self.store(&prepared, services, String::new());
         prepared

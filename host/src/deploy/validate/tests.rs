@@ -12,8 +12,14 @@ use wasm_encoder::{
 
 use super::*;
 
+/// One runtime for every test of the file (building one sets up the pool).
+fn runtime() -> &'static Runtime {
+    static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| Runtime::new(None).expect("runtime"))
+}
+
 fn refusal(bytes: &[u8]) -> String {
-    validate(bytes).expect_err("refused").to_string()
+    validate(runtime(), bytes).expect_err("refused").to_string()
 }
 
 #[test]
@@ -27,7 +33,7 @@ fn empty_text_and_core_modules_are_refused_by_what_they_are() {
         "not a WebAssembly component: it is text, not a binary WebAssembly file (no \\0asm header)"
     );
     assert!(matches!(
-        validate(b"\0asm\x01\0\0\0"),
+        validate(runtime(), b"\0asm\x01\0\0\0"),
         Err(DeployError::CoreModule)
     ));
     assert!(
@@ -41,7 +47,10 @@ fn empty_text_and_core_modules_are_refused_by_what_they_are() {
 fn a_truncated_component_is_malformed() {
     let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
     bytes.extend_from_slice(&[0x0a, 0x7f]); // an import section longer than the file
-    assert!(matches!(validate(&bytes), Err(DeployError::Malformed(_))));
+    assert!(matches!(
+        validate(runtime(), &bytes),
+        Err(DeployError::Malformed(_))
+    ));
 }
 
 #[test]
@@ -146,7 +155,7 @@ fn wrong_shapes() -> Vec<u8> {
 
 #[test]
 fn a_wrong_handle_and_foreign_imports_are_each_named() {
-    let problems = match validate(&wrong_shapes()) {
+    let problems = match validate(runtime(), &wrong_shapes()) {
         Err(DeployError::NotAHandler(problems)) => problems,
         other => panic!("refused as not a handler, not {other:?}"),
     };
