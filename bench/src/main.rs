@@ -19,6 +19,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The allocator the `hookmesh` binary runs with (see `host/src/main.rs`):
+/// the host is measured here as it ships, and the baseline shares it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(

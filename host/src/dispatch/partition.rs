@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use tokio::task::JoinSet;
+use futures::stream::FuturesUnordered;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ownership::{Fence, now_ms};
@@ -38,6 +38,12 @@ const PULL_MAX: usize = 256;
 /// How long a pull request waits for events.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
+/// While less than half the window is free, the owner waits this long after
+/// its last pull ended before it asks for what is free: pulls of a handful
+/// of events would cost the server a request each, and a few milliseconds
+/// is what an event spends waiting for its turn under load anyway.
+const TOP_UP_AFTER: Duration = Duration::from_millis(20);
+
 /// Entities remembered as not held, per partition; past it the memory is
 /// dropped (and rebuilt, one KV read per entity).
 const CLEAR_MEMORY: usize = 100_000;
@@ -46,6 +52,14 @@ const CLEAR_MEMORY: usize = 100_000;
 /// `max_ack_pending`.
 pub fn window(manifest: &Manifest) -> i64 {
     i64::from(manifest.concurrency.saturating_mul(2)).clamp(64, 4096)
+}
+
+/// Whether the owner asks the server for more events now: when half the
+/// window is free (one request brings many events), or when some of it has
+/// been free for [`TOP_UP_AFTER`] since the last pull ended (events waiting
+/// behind slow entities must not keep other entities from arriving).
+fn should_pull(room: usize, window: usize, since_last_pull: Duration) -> bool {
+    room > 0 && (room * 2 >= window || since_last_pull >= TOP_UP_AFTER)
 }
 
 /// How an event's task ended.
@@ -112,8 +126,10 @@ impl Dispatch {
         retry.reset();
         let handler = slot.current().manifest.name.clone();
         let mut queues: EntityQueues<jetstream::Message> = EntityQueues::default();
-        let mut tasks: JoinSet<Done> = JoinSet::new();
-        let mut held: HashSet<String> = HashSet::new();
+        // The partition's running events are futures this loop polls, not
+        // tasks: no spawn and no cross-thread wake per event, and the
+        // partitions of all handlers keep the cores busy.
+        let mut tasks = FuturesUnordered::new();
         let mut clear: HashSet<String> = HashSet::new();
         let mut batch: Option<jetstream::consumer::pull::Batch> = None;
         let mut returned: Vec<jetstream::Message> = Vec::new();
@@ -124,12 +140,15 @@ impl Dispatch {
         let lost = fence.lost();
         tokio::pin!(lost);
         debug!(%handler, partition, "working the partition");
+        let mut last_pull_ended = tokio::time::Instant::now();
         loop {
             let manifest = slot.current().manifest.clone();
-            let room = usize::try_from(window(&manifest))
-                .unwrap_or(64)
-                .saturating_sub(tasks.len() + queues.waiting());
-            if batch.is_none() && room > 0 && fence.holds() {
+            let window = usize::try_from(window(&manifest)).unwrap_or(64);
+            let room = window.saturating_sub(tasks.len() + queues.waiting());
+            let pull = batch.is_none()
+                && fence.holds()
+                && should_pull(room, window, last_pull_ended.elapsed());
+            if pull {
                 match consumer
                     .batch()
                     .max_messages(room.min(PULL_MAX))
@@ -150,16 +169,25 @@ impl Dispatch {
                     }
                 }
             }
+            // With room free but no pull yet, look again when a top-up is
+            // due; with none free, a finishing task wakes the loop.
+            let top_up = last_pull_ended + TOP_UP_AFTER;
+            let wait_for_top_up = batch.is_none() && room > 0;
             tokio::select! {
                 biased;
                 _ = &mut lost => break,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    let Ok(mut done) = done else { continue };
+                Some(done) = tasks.next(), if !tasks.is_empty() => {
+                    let mut done: Done = done;
                     if let Some(message) = done.returned.take() {
                         returned.push(message);
                         continue;
                     }
-                    self.finished(&shared, done, &mut queues, &mut tasks, &mut held, &mut clear);
+                    if let Some((entity, next)) = finished(done, &mut queues, &mut clear) {
+                        // A held entity's next events join its record one
+                        // by one.
+                        let check = !clear.contains(&entity);
+                        tasks.push(run_event(shared.clone(), next, entity, check));
+                    }
                 }
                 next = next_message(&mut batch), if batch.is_some() => match next {
                     Some(Ok(message)) => {
@@ -167,14 +195,18 @@ impl Dispatch {
                         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
                         if let Some(message) = queues.offer(&entity, seq, message) {
                             let check = !clear.contains(&entity);
-                            tasks.spawn(run_event(shared.clone(), message, entity, check));
+                            tasks.push(run_event(shared.clone(), message, entity, check));
                         }
                     }
                     Some(Err(error)) => {
                         debug!(%handler, partition, %error, "pull interrupted");
                         batch = None;
+                        last_pull_ended = tokio::time::Instant::now();
                     }
-                    None => batch = None,
+                    None => {
+                        batch = None;
+                        last_pull_ended = tokio::time::Instant::now();
+                    }
                 },
                 _ = progress.tick() => {
                     // Waiting events stay ours while their entity is busy.
@@ -184,7 +216,11 @@ impl Dispatch {
                         }
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(50)), if batch.is_none() => {}
+                _ = tokio::time::sleep_until(top_up), if wait_for_top_up => {}
+                // Nothing to wait for but the fence (a partition with no
+                // events in flight and none free is impossible; kept as a
+                // guard against a busy loop).
+                _ = tokio::time::sleep(Duration::from_millis(50)), if batch.is_none() && !wait_for_top_up && tasks.is_empty() => {}
             }
         }
         let max_deliver = slot.current().manifest.max_deliver;
@@ -200,39 +236,6 @@ impl Dispatch {
         .await;
     }
 
-    /// Settles the bookkeeping of a finished task and starts the entity's
-    /// next event.
-    fn finished(
-        &self,
-        shared: &Arc<Shared>,
-        done: Done,
-        queues: &mut EntityQueues<jetstream::Message>,
-        tasks: &mut JoinSet<Done>,
-        held: &mut HashSet<String>,
-        clear: &mut HashSet<String>,
-    ) {
-        let Done { entity, end, .. } = done;
-        match end {
-            End::Held => {
-                clear.remove(&entity);
-                held.insert(entity.clone());
-            }
-            End::Settled => {
-                held.remove(&entity);
-                if clear.len() >= CLEAR_MEMORY {
-                    clear.clear();
-                }
-                clear.insert(entity.clone());
-            }
-            End::Returned => {}
-        }
-        if let Some((_, next)) = queues.finish(&entity) {
-            // A held entity's next events join its record one by one.
-            let check = !clear.contains(&entity);
-            tasks.spawn(run_event(shared.clone(), next, entity, check));
-        }
-    }
-
     /// The partition is no longer this host's: running events finish,
     /// every other one goes back to the server in stream order — after the
     /// open pull request has ended, so none comes straight back to it.
@@ -241,7 +244,7 @@ impl Dispatch {
         &self,
         handler: &str,
         partition: u32,
-        mut tasks: JoinSet<Done>,
+        mut tasks: FuturesUnordered<impl Future<Output = Done>>,
         mut queues: EntityQueues<jetstream::Message>,
         batch: Option<jetstream::consumer::pull::Batch>,
         mut back: Vec<jetstream::Message>,
@@ -257,12 +260,8 @@ impl Dispatch {
                 }
             }
         }
-        while let Some(done) = tasks.join_next().await {
-            if let Ok(Done {
-                returned: Some(message),
-                ..
-            }) = done
-            {
+        while let Some(done) = tasks.next().await {
+            if let Some(message) = done.returned {
                 back.push(message);
             }
         }
@@ -285,6 +284,12 @@ impl Dispatch {
                 self.give_back(message).await;
                 returned += 1;
             }
+        }
+        // The plain acks of the events that ran are written out and read by
+        // the server before the lease goes (a flush waits for the server's
+        // PONG, sent after everything before it on the connection).
+        if let Err(error) = self.js.client().flush().await {
+            warn!(%handler, partition, %error, "acks not flushed; unacked events come back after ack_wait");
         }
         info!(%handler, partition, returned, held, late, "partition released");
     }
@@ -322,6 +327,29 @@ impl Dispatch {
         }
         let _ = message.ack_with(AckKind::Nak(None)).await;
     }
+}
+
+/// Settles the bookkeeping of a finished event: the entity's next event,
+/// which runs from now on, or `None` when the entity is idle.
+fn finished(
+    done: Done,
+    queues: &mut EntityQueues<jetstream::Message>,
+    clear: &mut HashSet<String>,
+) -> Option<(String, jetstream::Message)> {
+    let Done { entity, end, .. } = done;
+    match end {
+        End::Held => {
+            clear.remove(&entity);
+        }
+        End::Settled => {
+            if clear.len() >= CLEAR_MEMORY {
+                clear.clear();
+            }
+            clear.insert(entity.clone());
+        }
+        End::Returned => {}
+    }
+    queues.finish(&entity).map(|(_, next)| (entity, next))
 }
 
 /// The next event of the open pull request.
@@ -519,10 +547,13 @@ async fn attempts_loop(
                         .lift_hold(&manifest.name, &subject, stream_seq)
                         .await;
                 }
-                if let Err(error) = message.double_ack().await {
-                    // The handler ran; the server will redeliver and the
-                    // handler must tolerate running twice.
-                    warn!(parent: &span, %error, "ack not confirmed");
+                // A plain ack: acks reach the consumer in the order they are
+                // sent, a handover confirms them all (`hand_back`), and an
+                // ack lost with the connection costs a redelivery after
+                // ack_wait — which a confirmed ack could only have
+                // reported, not prevented.
+                if let Err(error) = message.ack().await {
+                    warn!(parent: &span, %error, "ack not sent; the server redelivers after ack_wait");
                 }
                 debug!(parent: &span, emits, "handled");
                 return End::Settled;
