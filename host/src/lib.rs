@@ -33,6 +33,8 @@
 //! - [`deploy`]: handler versions in KV/object store `hook_handlers`:
 //!   validating components, deploy, rollback, remove, watching.
 //! - [`audit`]: the `HOOK_AUDIT` trail of deploys, rollbacks, replays, purges.
+//! - [`status`]: the installation's state read from NATS in one typed
+//!   snapshot (`hookmesh status`, the console), and the backlog gauges.
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
 
 #![deny(missing_docs)]
@@ -56,6 +58,7 @@ pub mod retry;
 pub mod runtime;
 pub mod send;
 pub mod server;
+pub mod status;
 pub mod streams;
 pub mod subject;
 pub mod verify;

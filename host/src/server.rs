@@ -1,16 +1,15 @@
 //! Running the host: NATS connection, streams, HTTP, handler dispatch — and
 //! a clean stop.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::deploy::follow::Follower;
@@ -218,7 +217,7 @@ async fn start_background(bg: Background) -> ServeError {
             bg.metrics.clone(),
             bg.stopped.clone(),
         ));
-        workers.spawn(refresh_dlq_gauges(
+        workers.spawn(crate::status::gauges::run(
             js.clone(),
             bg.metrics.clone(),
             bg.stopped.clone(),
@@ -249,40 +248,6 @@ async fn start_background(bg: Background) -> ServeError {
     lock(&bg.workers).spawn(follower.run(bg.stopped));
     info!(partitions = bg.config.ingest.partitions, "dispatch started");
     std::future::pending().await
-}
-
-/// How often the DLQ depth and age gauges are refreshed.
-const DLQ_GAUGES_EVERY: Duration = Duration::from_secs(10);
-
-/// Keeps the DLQ depth and oldest-age gauges current; a handler whose
-/// entries are all gone reads 0.
-async fn refresh_dlq_gauges(
-    js: async_nats::jetstream::Context,
-    metrics: Metrics,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut seen: BTreeSet<String> = BTreeSet::new();
-    let mut every = tokio::time::interval(DLQ_GAUGES_EVERY);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = stopped.changed() => return,
-        }
-        match dlq::store::depths(&js).await {
-            Ok(depths) => {
-                let now = SystemTime::now();
-                for gone in seen.iter().filter(|h| !depths.contains_key(h.as_str())) {
-                    metrics.dlq_gauges(gone, 0, Duration::ZERO);
-                }
-                for (handler, (depth, oldest)) in &depths {
-                    let age = now.duration_since(*oldest).unwrap_or_default();
-                    metrics.dlq_gauges(handler, *depth, age);
-                }
-                seen = depths.into_keys().collect();
-            }
-            Err(error) => debug!(%error, "DLQ gauges not refreshed"),
-        }
-    }
 }
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {
