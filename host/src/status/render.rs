@@ -503,8 +503,12 @@ mod tests {
             .find(|l| l.starts_with("order-sync "))
             .expect("handler row");
         // Right-aligned numbers end under their header.
-        let pending_end = header.find("PENDING").expect("PENDING") + "PENDING".len();
-        assert!(row[..pending_end].ends_with(" 5"), "{header}\n{row}");
+        let pending_end = header[..header.find("PENDING").expect("PENDING")]
+            .chars()
+            .count()
+            + "PENDING".len();
+        let row_start: String = row.chars().take(pending_end).collect();
+        assert!(row_start.ends_with(" 5"), "{header}\n{row}");
         assert!(row.contains("2/4"), "{row}");
         assert!(row.contains("web-1:42:bbcccc ×2, none for 2-3"), "{row}");
         assert!(row.contains("2h"), "{row}");
