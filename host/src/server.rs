@@ -11,6 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use futures::FutureExt;
+
+use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::deploy::follow::Follower;
 use crate::dispatch::services::NatsServices;
@@ -81,15 +84,57 @@ impl Options {
     }
 }
 
+/// The host's two listeners: the providers' webhooks, and the operators'
+/// admin listener (`/metrics`, health, the console).
+#[derive(Debug)]
+pub struct Listeners {
+    /// `POST /webhooks/{provider}`, `/healthz`, `/readyz` (`[http] listen`).
+    pub webhook: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`, `/console` (`[admin] listen`).
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `[http] listen` and `[admin] listen`; the error names the key.
+    pub async fn bind(config: &Config) -> Result<Listeners, BindError> {
+        let bind = |key: &'static str, address: std::net::SocketAddr| async move {
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| BindError {
+                    key,
+                    address,
+                    source,
+                })
+        };
+        Ok(Listeners {
+            webhook: bind("http.listen", config.http.listen).await?,
+            admin: bind("admin.listen", config.admin.listen).await?,
+        })
+    }
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {key} = {address}: {source}")]
+pub struct BindError {
+    /// The config key.
+    pub key: &'static str,
+    /// The address.
+    pub address: std::net::SocketAddr,
+    /// The operating system's answer.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight requests and
 /// lets running handlers finish the event in hand.
 ///
-/// The listener comes from outside so tests bind `127.0.0.1:0`. NATS need not
-/// be up: the host starts, answers 503 and `/readyz` says why until it is, and
-/// creates missing streams (and starts handlers) as soon as it can.
+/// The listeners come from outside so tests bind `127.0.0.1:0`. NATS need
+/// not be up: the host starts, answers 503 and `/readyz` says why until it
+/// is, and creates missing streams (and starts handlers) as soon as it can.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -124,9 +169,23 @@ pub async fn run(
         providers: config.providers.clone(),
     });
     let app = ingress::router(ingress);
-    let address = listener.local_addr()?;
+    let address = listeners.webhook.local_addr()?;
     info!(%address, providers = ?config.providers.keys().collect::<Vec<_>>(), "listening");
-    let http = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let admin = admin::router(Arc::new(Admin {
+        client: client.clone(),
+        metrics: metrics.clone(),
+        token: config.admin.token.clone(),
+    }));
+    let admin_address = listeners.admin.local_addr()?;
+    info!(
+        admin = %admin_address,
+        token = if config.admin.token.is_some() { "set" } else { "unset: read-only" },
+        "admin listener: /metrics /healthz /readyz /console"
+    );
+    let shutdown = shutdown.shared();
+    let webhook = axum::serve(listeners.webhook, app).with_graceful_shutdown(shutdown.clone());
+    let admin = axum::serve(listeners.admin, admin).with_graceful_shutdown(shutdown);
+    let http = async { tokio::try_join!(webhook.into_future(), admin.into_future()).map(drop) };
 
     let (stop, stopped) = watch::channel(false);
     let workers = Arc::new(Mutex::new(JoinSet::new()));

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use super::{AuditEntry, HandlerState, Snapshot};
 use crate::audit::Action;
+use crate::dlq::commands::shorten;
 
 /// How a cell reads at a glance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,15 +407,6 @@ pub fn list(partitions: &[u32]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn shorten(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        let cut: String = text.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
-    }
 }
 
 #[cfg(test)]
