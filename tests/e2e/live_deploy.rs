@@ -362,9 +362,16 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
     })
     .await;
     // A removed handler has no partitions to own: nothing to alert on.
-    wait_for(Duration::from_secs(10), "its partition count gone", || async {
-        !host.metrics().await.contains("hookmesh_partitions{handler=\"rec\"}")
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "its partition count gone",
+        || async {
+            !host
+                .metrics()
+                .await
+                .contains("hookmesh_partitions{handler=\"rec\"}")
+        },
+    )
     .await;
     let t3 = host.send("crm", ticket("T-3", false), "k-3").await.json;
     let t3_seq = t3["stream_seq"].as_u64().expect("seq");

@@ -530,9 +530,15 @@ pub struct LoggedProcess {
 }
 
 impl LoggedProcess {
-    /// Runs `hookmesh <args>` in `dir` with its log in `dir/<name>.log`,
-    /// and waits until it listens and its dispatch runs.
-    pub async fn start(dir: &std::path::Path, args: &[&str], name: &str) -> LoggedProcess {
+    /// Runs `hookmesh <args>` in `dir` with extra environment and its log
+    /// in `dir/<name>.log`, without waiting for anything (`address` and
+    /// `admin` stay empty).
+    pub fn spawn(
+        dir: &std::path::Path,
+        args: &[&str],
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> LoggedProcess {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(hookmesh_bin())
             .args(args)
@@ -541,18 +547,25 @@ impl LoggedProcess {
                 "HOOKMESH_LOG",
                 std::env::var("E2E_HOST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .env_remove("HOOKMESH_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn hookmesh");
-        let mut process = LoggedProcess {
+        LoggedProcess {
             child,
             log,
             address: String::new(),
             admin: String::new(),
-        };
+        }
+    }
+
+    /// Runs `hookmesh <args>` in `dir` with its log in `dir/<name>.log`,
+    /// and waits until it listens and its dispatch runs.
+    pub async fn start(dir: &std::path::Path, args: &[&str], name: &str) -> LoggedProcess {
+        let mut process = Self::spawn(dir, args, name, &[]);
         wait_for(Duration::from_secs(90), "dispatch started", || async {
             process.log().contains("dispatch started")
         })

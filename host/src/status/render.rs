@@ -186,7 +186,9 @@ fn nats(out: &mut String, snapshot: &Snapshot, colour: bool) {
     let n = &snapshot.nats;
     let mut line = format!(
         "NATS       {} {} at {}",
-        n.server_name, n.version, n.address
+        server_name(&n.server_name, &n.server_id),
+        n.version,
+        n.address
     );
     if let Some(cluster) = &n.cluster {
         let _ = write!(line, ", cluster {cluster}");
@@ -198,14 +200,9 @@ fn nats(out: &mut String, snapshot: &Snapshot, colour: bool) {
     match &snapshot.jetstream {
         Some(js) => {
             let limit = |l: Option<u64>| l.map_or_else(|| "no limit".to_string(), bytes);
-            let errors = if js.api_errors == 0 {
-                paint("0 errors", Tone::Good, colour)
-            } else {
-                paint(&format!("{} errors", js.api_errors), Tone::Warn, colour)
-            };
             let _ = writeln!(
                 out,
-                "JETSTREAM  {} streams, {} consumers; file {} ({}), memory {} ({}); API {} calls, {errors}",
+                "JETSTREAM  {} streams, {} consumers; file {} ({}), memory {} ({}); API {} calls, {} errors",
                 js.streams,
                 js.consumers,
                 bytes(js.storage),
@@ -213,6 +210,7 @@ fn nats(out: &mut String, snapshot: &Snapshot, colour: bool) {
                 bytes(js.memory),
                 limit(js.max_memory),
                 js.api_total,
+                js.api_errors,
             );
         }
         None if n.jetstream => {
@@ -352,6 +350,16 @@ pub fn audit_detail(entry: &AuditEntry) -> String {
         parts.push(error.clone());
     }
     parts.join("; ")
+}
+
+/// A server's name, or a short form of its id when it was given no name
+/// (nats-server then names itself by its 56-character id).
+pub fn server_name(name: &str, id: &str) -> String {
+    if name == id && id.len() > 12 {
+        format!("server {}…", &id[..12])
+    } else {
+        name.to_string()
+    }
 }
 
 /// A host id (`<hostname>:<pid>:<uuid>`) short enough for a column: the

@@ -10,7 +10,7 @@ use maud::{DOCTYPE, Markup, html};
 
 use crate::dlq::commands::{age, pretty, shorten};
 use crate::dlq::{DeadLetter, DlqReason};
-use crate::status::render::{audit_detail, bytes, list, short_host};
+use crate::status::render::{audit_detail, bytes, list, server_name, short_host};
 use crate::status::{HandlerState, Snapshot};
 
 /// How often the pages that show live state reload themselves.
@@ -145,7 +145,7 @@ fn nats(snapshot: &Snapshot) -> Markup {
     html! {
         dl {
             dt { "Server" }
-            dd { (n.server_name) " " (n.version) " at " (n.address)
+            dd { (server_name(&n.server_name, &n.server_id)) " " (n.version) " at " (n.address)
                 @if let Some(cluster) = &n.cluster { ", cluster " (cluster) }
                 @if !n.connect_urls.is_empty() { " (also " (n.connect_urls.join(", ")) ")" } }
             dt { "JetStream" }
