@@ -56,3 +56,28 @@ build_handlers() {
   ensure_wasm_target
   cargo build --release --target wasm32-wasip2 --manifest-path handlers/Cargo.toml
 }
+
+# promtool, for the tests of the alert rules (Debian's prometheus package;
+# its server is not started).
+ensure_promtool() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing promtool (Debian package prometheus)" >&2
+    apt_install --no-install-recommends prometheus
+  fi
+}
+
+# The console's browser test: Debian's headless Chromium, driven by
+# playwright-core from npm in tests/browser/ (which never downloads a
+# browser of its own; the test launches /usr/bin/chromium).
+ensure_browser_test() {
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "installing chromium (Debian package)" >&2
+    apt_install --no-install-recommends chromium
+  fi
+  local lock=tests/browser/package-lock.json
+  local installed=tests/browser/node_modules/.package-lock.json
+  if [ ! -d tests/browser/node_modules/playwright-core ] || [ "$lock" -nt "$installed" ]; then
+    echo "installing playwright-core into tests/browser (npm ci)" >&2
+    (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}

@@ -29,7 +29,6 @@ use hookmesh::manifest::Manifest;
 use hookmesh::server::Options;
 use hookmesh::streams::Mode;
 use serde::Serialize;
-use tokio::net::TcpListener;
 
 use crate::dispatch::{cache_dir, workspace};
 use crate::host;
@@ -126,12 +125,12 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
     let mut hosts = Vec::new();
     let mut metrics_urls = Vec::new();
     for _ in 0..args.hosts {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        metrics_urls.push(format!("http://{}/metrics", listener.local_addr()?));
+        let listeners = host::listeners().await?;
+        metrics_urls.push(format!("http://{}/metrics", listeners.admin.local_addr()?));
         let mut stopped = stopped.clone();
         hosts.push(tokio::spawn(hookmesh::server::run(
             config.clone(),
-            listener,
+            listeners,
             Options {
                 streams: Mode::Ensure,
                 handlers: Vec::new(),

@@ -58,7 +58,6 @@ use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use hookmesh::subject::EventAddress;
 use serde::Serialize;
-use tokio::net::TcpListener;
 
 use crate::stats::progress;
 use crate::stats::{self, Verdict};
@@ -853,10 +852,8 @@ async fn hookmesh_side(
         args.messages
     );
 
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the host's listener")?;
-    let metrics_url = format!("http://{}/metrics", listener.local_addr()?);
+    let listeners = crate::host::listeners().await?;
+    let metrics_url = format!("http://{}/metrics", listeners.admin.local_addr()?);
     let http = reqwest::Client::builder()
         .timeout(METRICS_TIMEOUT)
         .build()
@@ -868,7 +865,7 @@ async fn hookmesh_side(
     let started = Instant::now();
     let mut host = tokio::spawn(hookmesh::server::run(
         config,
-        listener,
+        listeners,
         Options {
             streams: Mode::Update,
             handlers: vec![manifest],

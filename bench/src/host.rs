@@ -44,6 +44,20 @@ entity_id = "json:/data/id"
     .context("the bench's host config")
 }
 
+/// The host's webhook and admin listeners, each on a port of its own
+/// choosing on the loopback interface.
+pub async fn listeners() -> anyhow::Result<hookmesh::server::Listeners> {
+    let bind = || async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a listener for the host")
+    };
+    Ok(hookmesh::server::Listeners {
+        webhook: bind().await?,
+        admin: bind().await?,
+    })
+}
+
 /// Starts the bench's own nats-server (`NATS_SERVER_BIN` honoured).
 pub async fn start_nats() -> anyhow::Result<hookmesh_test_support::NatsServer> {
     // Starting the server polls its log with blocking sleeps.

@@ -27,7 +27,6 @@ use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use reqwest::StatusCode;
 use serde::Serialize;
-use tokio::net::TcpListener;
 
 use crate::load::{Run, closed_loop, timed};
 use crate::stats::progress;
@@ -205,14 +204,12 @@ async fn hookmesh_side(url: &str, args: &Args) -> anyhow::Result<Vec<Measured>> 
         .get(PROVIDER)
         .cloned()
         .context("the bench config lost its provider")?;
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the host's listener")?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let listeners = crate::host::listeners().await?;
+    let base = format!("http://{}", listeners.webhook.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut host = tokio::spawn(hookmesh::server::run(
         config,
-        listener,
+        listeners,
         // Ingress only: this scenario measures storing, not handlers.
         Options {
             streams: Mode::Update,

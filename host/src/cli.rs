@@ -1,13 +1,13 @@
 //! The `hookmesh` command line: a thin face over the library. Every
 //! subcommand is one call into a module that tests call too.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::{Config, Env, Origin};
@@ -72,6 +72,16 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: crate::deploy::cli::HandlersCommand,
+    },
+    /// One screen: NATS, streams, handlers, versions, partition owners,
+    /// backlog, dead letters, the latest audit entries.
+    Status {
+        /// The snapshot as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// How many audit entries to show.
+        #[arg(long, value_name = "N", default_value_t = crate::status::RECENT_AUDIT)]
+        audit: usize,
     },
     /// Sign a body with a provider's secret and POST it (a testing aid).
     Send {
@@ -176,6 +186,7 @@ pub enum StreamsCommand {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config =
         Config::load(cli.config.as_deref(), &Env::from_process()).context("configuration")?;
+    crate::logging::init(config.log.format);
     for warning in &config.warnings {
         warn!("{warning}");
     }
@@ -194,6 +205,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq_command(&config, command).await,
         Command::Deploy(args) => crate::deploy::cli::deploy(&config, args).await,
         Command::Handlers { command } => crate::deploy::cli::handlers(&config, command).await,
+        Command::Status { json, audit } => status(&config, json, audit).await,
         Command::Send {
             provider,
             file,
@@ -228,10 +240,11 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         // Its port may be one it picked itself.
         config.nats.urls = vec![nats.url().to_string()];
     }
-    let listener = bind(&config).await?;
-    let address = listener.local_addr()?;
+    let listeners = server::Listeners::bind(&config).await?;
+    let address = listeners.webhook.local_addr()?;
+    let admin = listeners.admin.local_addr()?;
     info!(
-        "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json"
+        "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json — console: http://{admin}/console"
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if handlers_dir.is_dir() {
@@ -259,7 +272,7 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         shutdown_signal().await;
         let _ = stop.send(true);
     };
-    let result = server::run(config, listener, options, shutdown).await;
+    let result = server::run(config, listeners, options, shutdown).await;
     if let Some(nats) = local_nats {
         nats.stop().await;
     }
@@ -281,13 +294,25 @@ async fn serve(
         Some(dir) => manifest::load_dir(dir)?,
         None => Vec::new(),
     };
-    let listener = bind(&config).await?;
+    let listeners = server::Listeners::bind(&config).await?;
     let options = server::Options {
         streams: Mode::Ensure,
         handlers,
         cache_dir: Some(cache_dir),
     };
-    Ok(server::run(config, listener, options, shutdown_signal()).await?)
+    Ok(server::run(config, listeners, options, shutdown_signal()).await?)
+}
+
+async fn status(config: &Config, json: bool, audit: usize) -> anyhow::Result<()> {
+    let client = nats::connect(&config.nats, "hookmesh-cli", Patience::FailFast).await?;
+    let snapshot = crate::status::collect(&client, audit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    } else {
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        print!("{}", crate::status::render::text(&snapshot, colour));
+    }
+    Ok(())
 }
 
 async fn apply_streams(config: &Config) -> anyhow::Result<()> {
@@ -385,12 +410,6 @@ async fn send_file(
         bail!("the host answered {}", answer.status);
     }
     Ok(())
-}
-
-async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -140,6 +140,38 @@ pub struct OperatorConfig {
     pub actor: Option<String>,
 }
 
+/// `[admin]`: the operators' listener — `/metrics`, the health routes and
+/// the console — apart from the providers' webhook listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to listen on (default `127.0.0.1:9464`).
+    pub listen: SocketAddr,
+    /// The token that anything changing state (the console's replay and
+    /// purge) must present; unset, the admin listener only reads.
+    pub token: Option<Redacted>,
+}
+
+/// The shortest admin token accepted: a guessable token guards nothing.
+pub const ADMIN_TOKEN_MIN_CHARS: usize = 16;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event (the default).
+    #[default]
+    Human,
+    /// One JSON object per line, span fields merged in, for log shippers.
+    Json,
+}
+
+/// `[log]`: how the host writes its log (the filter stays `HOOKMESH_LOG`).
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -155,6 +187,10 @@ pub struct Config {
     pub providers: BTreeMap<String, Provider>,
     /// Who the CLI records as the actor in `HOOK_AUDIT`.
     pub operator: OperatorConfig,
+    /// The admin listener.
+    pub admin: AdminConfig,
+    /// The log format.
+    pub log: LogConfig,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
 }
@@ -322,6 +358,7 @@ impl Config {
         let mut warnings = Vec::new();
         let nats = raw.nats.resolve(env).map_err(|(k, m)| invalid(k, m))?;
         let ingest = raw.ingest.resolve().map_err(|(k, m)| invalid(k, m))?;
+        let admin = raw.admin.resolve(env).map_err(|(k, m)| invalid(k, m))?;
         let mut providers = BTreeMap::new();
         for (name, provider) in raw.providers {
             let provider = provider
@@ -346,6 +383,10 @@ impl Config {
             providers,
             operator: OperatorConfig {
                 actor: raw.operator.actor.filter(|a| !a.trim().is_empty()),
+            },
+            admin,
+            log: LogConfig {
+                format: raw.log.format,
             },
             warnings,
         })
@@ -390,6 +431,56 @@ struct RawConfig {
     ingest: RawIngest,
     providers: BTreeMap<String, RawProvider>,
     operator: RawOperator,
+    admin: RawAdmin,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: Address,
+    token: Option<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: Address(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            token: None,
+        }
+    }
+}
+
+impl RawAdmin {
+    fn resolve(self, env: &Env) -> Result<AdminConfig, KeyError> {
+        let key = "admin.token";
+        let token = match self.token {
+            None => None,
+            Some(reference) => match resolve_secret(&reference, env) {
+                Ok(Some(token)) if token.chars().count() < ADMIN_TOKEN_MIN_CHARS => {
+                    return Err((
+                        key.into(),
+                        format!("must be at least {ADMIN_TOKEN_MIN_CHARS} characters"),
+                    ));
+                }
+                Ok(Some(token)) => Some(Redacted(token)),
+                Ok(None) => {
+                    return Err((key.into(), format!("{} is not set", env_name(&reference))));
+                }
+                Err(message) => return Err((key.into(), message)),
+            },
+        };
+        Ok(AdminConfig {
+            listen: self.listen.0,
+            token,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: LogFormat,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -856,7 +947,7 @@ fn apply_env_overrides(
             .ok_or_else(|| fail("expected HOOKMESH_<SECTION>_<KEY>".into()))?;
         let value = env_value(value).map_err(fail)?;
         match section {
-            "nats" | "http" | "ingest" | "operator" => {
+            "nats" | "http" | "ingest" | "operator" | "admin" | "log" => {
                 section_table(table, section)
                     .map_err(&fail)?
                     .insert(key.to_string(), value);

@@ -1,5 +1,5 @@
-//! The HTTP face: `POST /webhooks/{provider}`, `/healthz`, `/readyz`,
-//! `/metrics`.
+//! The HTTP face providers reach: `POST /webhooks/{provider}`, `/healthz`,
+//! `/readyz` (metrics are on the admin listener, see [`crate::admin`]).
 //!
 //! A webhook goes through verify → extract → publish; each step is a plain
 //! function of the modules beside this one, and every way it can end maps to
@@ -52,7 +52,6 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .route("/webhooks/{provider}", post(webhook))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(ingress)
 }
 
@@ -302,14 +301,20 @@ fn is_traceparent(value: &str) -> bool {
 }
 
 async fn readyz(State(ingress): State<Arc<Ingress>>) -> Response {
-    if ingress.client.connection_state() != async_nats::connection::State::Connected {
+    readiness(&ingress.client).await
+}
+
+/// `/readyz` of both listeners: 200 when NATS is connected and every
+/// stream is present, else 503 saying why.
+pub async fn readiness(client: &async_nats::Client) -> Response {
+    if client.connection_state() != async_nats::connection::State::Connected {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: NATS is not connected\n",
         )
             .into_response();
     }
-    let js = async_nats::jetstream::new(ingress.client.clone());
+    let js = async_nats::jetstream::new(client.clone());
     match tokio::time::timeout(Duration::from_secs(2), streams::present(&js)).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => {
@@ -321,17 +326,6 @@ async fn readyz(State(ingress): State<Arc<Ingress>>) -> Response {
         )
             .into_response(),
     }
-}
-
-async fn metrics(State(ingress): State<Arc<Ingress>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        ingress.metrics.render(),
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@
 //!   applying them.
 //! - [`headers`]: the message headers hookmesh writes and reads.
 //! - [`publish`]: storing an event exactly once (KV + `Nats-Msg-Id`).
-//! - [`ingress`]: the HTTP API and its answers.
+//! - [`ingress`]: the HTTP API providers reach, and its answers.
+//! - [`admin`]: the admin listener — `/metrics`, health, and the operator
+//!   console (token-guarded replay and purge).
 //! - [`dispatch`]: handlers run from durable per-partition consumers:
 //!   partition ownership, per-entity order with entity isolation, the
 //!   settle policy, emits.
@@ -23,6 +25,7 @@
 //! - [`records`]: what dispatch and dead letters share in `hook_attempts`:
 //!   attempt records and held or parked entities.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`logging`]: the log, human or JSON lines (`[log] format`).
 //! - [`nats`]: connecting as configured.
 //! - [`retry`]: the growing pause of every loop waiting for NATS.
 //! - [`server`]: running the host and stopping it cleanly.
@@ -33,10 +36,13 @@
 //! - [`deploy`]: handler versions in KV/object store `hook_handlers`:
 //!   validating components, deploy, rollback, remove, watching.
 //! - [`audit`]: the `HOOK_AUDIT` trail of deploys, rollbacks, replays, purges.
+//! - [`status`]: the installation's state read from NATS in one typed
+//!   snapshot (`hookmesh status`, the console), and the backlog gauges.
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
 
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
@@ -47,6 +53,7 @@ pub mod extract;
 pub mod headers;
 pub mod ingress;
 pub mod local;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod nats;
@@ -56,6 +63,7 @@ pub mod retry;
 pub mod runtime;
 pub mod send;
 pub mod server;
+pub mod status;
 pub mod streams;
 pub mod subject;
 pub mod verify;

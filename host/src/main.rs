@@ -1,9 +1,7 @@
-//! The `hookmesh` binary: logging, then the command line.
-
-use std::io::IsTerminal;
+//! The `hookmesh` binary: the command line (which sets up the log once the
+//! config says how).
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Every event allocates and frees many small values (headers, the
 /// instance's store, task state) across worker threads; mimalloc's
@@ -14,14 +12,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let filter = EnvFilter::try_from_env("HOOKMESH_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = hookmesh::cli::Cli::parse();
     match hookmesh::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,4 +1,8 @@
-//! Prometheus metrics, served at `GET /metrics`.
+//! Prometheus metrics, served at `GET /metrics` on the admin listener.
+//!
+//! The alert rules built on them are `nats/alerts.yml`; its tests here run
+//! the real `promtool` and check that every metric and label the rules
+//! use is one the host exports.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +87,11 @@ struct Inner {
     dlq_oldest_seconds: Family<HandlerOnly, Gauge>,
     handler_version: Family<VersionLabel, Gauge>,
     partitions_owned: Family<HandlerOnly, Gauge>,
+    partitions: Family<HandlerOnly, Gauge>,
+    handler_pending: Family<HandlerOnly, Gauge>,
+    handler_ack_pending: Family<HandlerOnly, Gauge>,
+    handler_redelivered: Family<HandlerOnly, Gauge>,
+    activation_failures: Family<HandlerOnly, Counter>,
 }
 
 impl Default for Metrics {
@@ -126,6 +135,41 @@ impl Default for Metrics {
             "partitions_owned",
             "Partitions of each handler this host works now",
             partitions_owned.clone(),
+        );
+        // Unowned partitions are computed across hosts: the largest
+        // `partitions` minus the sum of `partitions_owned`.
+        let partitions = Family::<HandlerOnly, Gauge>::default();
+        registry.register(
+            "partitions",
+            "Partitions of each handler this host runs (its partition consumers); \
+             minus the sum of partitions_owned over the hosts, the ones nobody works",
+            partitions.clone(),
+        );
+        // From the server's consumer info: every host reports the same
+        // cluster-wide figures (aggregate with max, not sum).
+        let handler_pending = Family::<HandlerOnly, Gauge>::default();
+        registry.register(
+            "handler_pending",
+            "Events of each handler not yet delivered, over its partition consumers (cluster-wide)",
+            handler_pending.clone(),
+        );
+        let handler_ack_pending = Family::<HandlerOnly, Gauge>::default();
+        registry.register(
+            "handler_ack_pending",
+            "Events of each handler delivered and not yet acknowledged (cluster-wide)",
+            handler_ack_pending.clone(),
+        );
+        let handler_redelivered = Family::<HandlerOnly, Gauge>::default();
+        registry.register(
+            "handler_redelivered",
+            "Events of each handler delivered more than once and not yet acknowledged (cluster-wide)",
+            handler_redelivered.clone(),
+        );
+        let activation_failures = Family::<HandlerOnly, Counter>::default();
+        registry.register(
+            "activation_failures",
+            "Handler versions this host refused to activate (did not compile or start here)",
+            activation_failures.clone(),
         );
         registry.register(
             "events_handled",
@@ -177,6 +221,11 @@ impl Default for Metrics {
                 dlq_oldest_seconds,
                 handler_version,
                 partitions_owned,
+                partitions,
+                handler_pending,
+                handler_ack_pending,
+                handler_redelivered,
+                activation_failures,
             }),
         }
     }
@@ -248,6 +297,45 @@ impl Metrics {
             .set(i64::try_from(owned).unwrap_or(i64::MAX));
     }
 
+    /// Sets how many partitions `handler` has while this host runs it
+    /// (`None`: it stopped running here).
+    pub fn partitions(&self, handler: &str, partitions: Option<u32>) {
+        let label = handler_only(handler);
+        match partitions {
+            Some(count) => {
+                self.inner
+                    .partitions
+                    .get_or_create(&label)
+                    .set(i64::from(count));
+            }
+            None => {
+                self.inner.partitions.remove(&label);
+            }
+        }
+    }
+
+    /// Sets a handler's backlog as the server counts it over its partition
+    /// consumers.
+    pub fn backlog_gauges(&self, handler: &str, backlog: &Backlog) {
+        let label = handler_only(handler);
+        let set = |family: &Family<HandlerOnly, Gauge>, value: u64| {
+            family
+                .get_or_create(&label)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        set(&self.inner.handler_pending, backlog.pending);
+        set(&self.inner.handler_ack_pending, backlog.ack_pending);
+        set(&self.inner.handler_redelivered, backlog.redelivered);
+    }
+
+    /// Counts a version this host refused to activate.
+    pub fn activation_failed(&self, handler: &str) {
+        self.inner
+            .activation_failures
+            .get_or_create(&handler_only(handler))
+            .inc();
+    }
+
     /// Sets a handler's DLQ depth and oldest age.
     pub fn dlq_gauges(&self, handler: &str, depth: u64, oldest: Duration) {
         let label = HandlerOnly {
@@ -290,6 +378,23 @@ impl Metrics {
     }
 }
 
+/// A handler's backlog on the server, as the gauges show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Events not yet delivered.
+    pub pending: u64,
+    /// Events delivered and not yet acknowledged.
+    pub ack_pending: u64,
+    /// Events delivered more than once and not yet acknowledged.
+    pub redelivered: u64,
+}
+
+fn handler_only(handler: &str) -> HandlerOnly {
+    HandlerOnly {
+        handler: handler.to_string(),
+    }
+}
+
 fn label(provider: &str) -> ProviderLabel {
     ProviderLabel {
         provider: provider.to_string(),
@@ -303,5 +408,69 @@ pub struct InFlight(Gauge);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod alerts;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
+        let prefix = format!("{series} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn the_partition_count_is_shown_while_a_handler_runs_and_gone_after() {
+        let metrics = Metrics::default();
+        let series = r#"hookmesh_partitions{handler="rec"}"#;
+        assert_eq!(sample(&metrics, series), None);
+        metrics.partitions("rec", Some(16));
+        assert_eq!(sample(&metrics, series), Some(16.0));
+        metrics.partitions("rec", None);
+        assert_eq!(sample(&metrics, series), None);
+    }
+
+    #[test]
+    fn backlog_gauges_follow_the_last_reading() {
+        let metrics = Metrics::default();
+        let backlog = Backlog {
+            pending: 7,
+            ack_pending: 3,
+            redelivered: 1,
+        };
+        metrics.backlog_gauges("rec", &backlog);
+        assert_eq!(
+            sample(&metrics, r#"hookmesh_handler_pending{handler="rec"}"#),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(&metrics, r#"hookmesh_handler_ack_pending{handler="rec"}"#),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&metrics, r#"hookmesh_handler_redelivered{handler="rec"}"#),
+            Some(1.0)
+        );
+        metrics.backlog_gauges("rec", &Backlog::default());
+        assert_eq!(
+            sample(&metrics, r#"hookmesh_handler_pending{handler="rec"}"#),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn activation_failures_count_up() {
+        let metrics = Metrics::default();
+        let series = r#"hookmesh_activation_failures_total{handler="rec"}"#;
+        metrics.activation_failed("rec");
+        metrics.activation_failed("rec");
+        assert_eq!(sample(&metrics, series), Some(2.0));
     }
 }

@@ -1,17 +1,19 @@
 //! Running the host: NATS connection, streams, HTTP, handler dispatch — and
 //! a clean stop.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
+use futures::FutureExt;
+
+use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::deploy::follow::Follower;
 use crate::dispatch::services::NatsServices;
@@ -82,15 +84,57 @@ impl Options {
     }
 }
 
+/// The host's two listeners: the providers' webhooks, and the operators'
+/// admin listener (`/metrics`, health, the console).
+#[derive(Debug)]
+pub struct Listeners {
+    /// `POST /webhooks/{provider}`, `/healthz`, `/readyz` (`[http] listen`).
+    pub webhook: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`, `/console` (`[admin] listen`).
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `[http] listen` and `[admin] listen`; the error names the key.
+    pub async fn bind(config: &Config) -> Result<Listeners, BindError> {
+        let bind = |key: &'static str, address: std::net::SocketAddr| async move {
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| BindError {
+                    key,
+                    address,
+                    source,
+                })
+        };
+        Ok(Listeners {
+            webhook: bind("http.listen", config.http.listen).await?,
+            admin: bind("admin.listen", config.admin.listen).await?,
+        })
+    }
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {key} = {address}: {source}")]
+pub struct BindError {
+    /// The config key.
+    pub key: &'static str,
+    /// The address.
+    pub address: std::net::SocketAddr,
+    /// The operating system's answer.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight requests and
 /// lets running handlers finish the event in hand.
 ///
-/// The listener comes from outside so tests bind `127.0.0.1:0`. NATS need not
-/// be up: the host starts, answers 503 and `/readyz` says why until it is, and
-/// creates missing streams (and starts handlers) as soon as it can.
+/// The listeners come from outside so tests bind `127.0.0.1:0`. NATS need
+/// not be up: the host starts, answers 503 and `/readyz` says why until it
+/// is, and creates missing streams (and starts handlers) as soon as it can.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -125,9 +169,23 @@ pub async fn run(
         providers: config.providers.clone(),
     });
     let app = ingress::router(ingress);
-    let address = listener.local_addr()?;
+    let address = listeners.webhook.local_addr()?;
     info!(%address, providers = ?config.providers.keys().collect::<Vec<_>>(), "listening");
-    let http = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let admin = admin::router(Arc::new(Admin {
+        client: client.clone(),
+        metrics: metrics.clone(),
+        token: config.admin.token.clone(),
+    }));
+    let admin_address = listeners.admin.local_addr()?;
+    info!(
+        admin = %admin_address,
+        token = if config.admin.token.is_some() { "set" } else { "unset: read-only" },
+        "admin listener: /metrics /healthz /readyz /console"
+    );
+    let shutdown = shutdown.shared();
+    let webhook = axum::serve(listeners.webhook, app).with_graceful_shutdown(shutdown.clone());
+    let admin = axum::serve(listeners.admin, admin).with_graceful_shutdown(shutdown);
+    let http = async { tokio::try_join!(webhook.into_future(), admin.into_future()).map(drop) };
 
     let (stop, stopped) = watch::channel(false);
     let workers = Arc::new(Mutex::new(JoinSet::new()));
@@ -218,7 +276,7 @@ async fn start_background(bg: Background) -> ServeError {
             bg.metrics.clone(),
             bg.stopped.clone(),
         ));
-        workers.spawn(refresh_dlq_gauges(
+        workers.spawn(crate::status::gauges::run(
             js.clone(),
             bg.metrics.clone(),
             bg.stopped.clone(),
@@ -249,40 +307,6 @@ async fn start_background(bg: Background) -> ServeError {
     lock(&bg.workers).spawn(follower.run(bg.stopped));
     info!(partitions = bg.config.ingest.partitions, "dispatch started");
     std::future::pending().await
-}
-
-/// How often the DLQ depth and age gauges are refreshed.
-const DLQ_GAUGES_EVERY: Duration = Duration::from_secs(10);
-
-/// Keeps the DLQ depth and oldest-age gauges current; a handler whose
-/// entries are all gone reads 0.
-async fn refresh_dlq_gauges(
-    js: async_nats::jetstream::Context,
-    metrics: Metrics,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut seen: BTreeSet<String> = BTreeSet::new();
-    let mut every = tokio::time::interval(DLQ_GAUGES_EVERY);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = stopped.changed() => return,
-        }
-        match dlq::store::depths(&js).await {
-            Ok(depths) => {
-                let now = SystemTime::now();
-                for gone in seen.iter().filter(|h| !depths.contains_key(h.as_str())) {
-                    metrics.dlq_gauges(gone, 0, Duration::ZERO);
-                }
-                for (handler, (depth, oldest)) in &depths {
-                    let age = now.duration_since(*oldest).unwrap_or_default();
-                    metrics.dlq_gauges(handler, *depth, age);
-                }
-                seen = depths.into_keys().collect();
-            }
-            Err(error) => debug!(%error, "DLQ gauges not refreshed"),
-        }
-    }
 }
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {

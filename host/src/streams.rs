@@ -231,10 +231,17 @@ fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
         if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
+/// The name of every stream hookmesh keeps (buckets and the object store
+/// as their backing `KV_`/`OBJ_` streams), in apply order.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    DEFINITIONS
+        .iter()
+        .map(|(file, _)| file.trim_end_matches(".json"))
+}
+
 /// Checks that every stream and bucket exists (for `/readyz`).
 pub async fn present(js: &jetstream::Context) -> Result<(), StreamsError> {
-    for (file, _) in DEFINITIONS {
-        let name = file.trim_end_matches(".json");
+    for name in names() {
         js.get_stream(name)
             .await
             .map_err(|e| StreamsError::Server {

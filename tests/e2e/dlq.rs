@@ -337,13 +337,13 @@ async fn every_give_up_becomes_one_complete_dead_letter() {
 
     // Metrics, and readiness with a non-empty DLQ.
     wait_for(Duration::from_secs(20), "DLQ gauges", || async {
-        host.get("/metrics")
+        host.admin_get("/metrics")
             .await
             .1
             .contains("hookmesh_dlq_depth{handler=\"order-sync\"} 2")
     })
     .await;
-    let (_, metrics) = host.get("/metrics").await;
+    let (_, metrics) = host.admin_get("/metrics").await;
     for line in [
         "hookmesh_dead_letters_total{handler=\"rec\",reason=\"max-deliveries\"} 1",
         "hookmesh_dead_letters_total{handler=\"panicky\",reason=\"trap\"} 1",
@@ -704,7 +704,7 @@ async fn replay_after_fixing_the_payload_or_the_handler_and_every_replay_is_audi
         Duration::from_secs(30),
         "the fixed version running",
         || async {
-            host.get("/metrics").await.1.contains(&format!(
+            host.admin_get("/metrics").await.1.contains(&format!(
                 "hookmesh_handler_version{{handler=\"strict\",version=\"{version}\"}} 1"
             ))
         },

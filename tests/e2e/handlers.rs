@@ -393,7 +393,7 @@ async fn hostile_handlers_are_retried_then_given_up_while_the_host_and_others_go
         );
     }
     assert_eq!(host.get("/healthz").await.0, 200);
-    let metrics = host.get("/metrics").await.1;
+    let metrics = host.admin_get("/metrics").await.1;
     assert!(
         metrics.contains(r#"hookmesh_events_handled_total{handler="looper",outcome="trap"} 4"#),
         "{metrics}"

@@ -285,7 +285,7 @@ async fn bad_signatures_and_stale_timestamps_are_401_and_store_nothing() {
     );
 
     assert_eq!(stored_count(&jetstream(&nats).await).await, 0);
-    let metrics = host.get("/metrics").await.1;
+    let metrics = host.admin_get("/metrics").await.1;
     assert!(
         metrics.contains(
             r#"hookmesh_webhooks_rejected_total{provider="crm",reason="bad_signature"} 1"#
@@ -319,7 +319,7 @@ async fn unknown_provider_is_404() {
     let answer = host.post("nobody", signed.headers, signed.body).await;
     assert_eq!(answer.status, 404);
     assert_eq!(answer.json["error"], "unknown provider");
-    let metrics = host.get("/metrics").await.1;
+    let metrics = host.admin_get("/metrics").await.1;
     assert!(
         metrics.contains(
             r#"hookmesh_webhooks_rejected_total{provider="unknown",reason="unknown_provider"} 1"#
@@ -391,8 +391,15 @@ async fn unextractable_required_fields_are_422_naming_the_field() {
 async fn health_readiness_and_metrics_report_the_host() {
     let nats = NatsServer::start().expect("nats");
     let host = TestHost::start(&nats).await;
+    // Both listeners answer health and readiness; only the admin listener
+    // has the metrics (and the console), never the providers' one.
+    let ready = (200, "ready\n".to_string());
     assert_eq!(host.get("/healthz").await.0, 200);
-    assert_eq!(host.get("/readyz").await, (200, "ready\n".to_string()));
+    assert_eq!(host.get("/readyz").await, ready);
+    assert_eq!(host.admin_get("/healthz").await.0, 200);
+    assert_eq!(host.admin_get("/readyz").await, ready);
+    assert_eq!(host.get("/metrics").await.0, 404);
+    assert_eq!(host.get("/console").await.0, 404);
     assert_eq!(
         host.send("crm", crm_order("order.created", "ORD-1", 1), "m1")
             .await
@@ -405,7 +412,7 @@ async fn health_readiness_and_metrics_report_the_host() {
             .status,
         200
     );
-    let (status, metrics) = host.get("/metrics").await;
+    let (status, metrics) = host.admin_get("/metrics").await;
     assert_eq!(status, 200);
     for line in [
         r#"hookmesh_webhooks_accepted_total{provider="crm"} 1"#,

@@ -276,7 +276,7 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
     let runs = |version: &str| {
         let line = version_line(version);
         let host = &host;
-        async move { host.get("/metrics").await.1.contains(&line) }
+        async move { host.admin_get("/metrics").await.1.contains(&line) }
     };
     wait_for(Duration::from_secs(30), "v1 active", || runs(&v1)).await;
 
@@ -311,6 +311,16 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
     assert_eq!(refusal.version.as_deref(), Some(v2.as_str()));
     assert_eq!(refusal.previous_version.as_deref(), Some(v1.as_str()));
     assert!(refusal.error.as_deref().is_some_and(|e| !e.is_empty()));
+    // The alert rules see it: the counter moved, and every partition of
+    // the handler is still owned here.
+    let metrics = host.metrics().await;
+    for line in [
+        r#"hookmesh_activation_failures_total{handler="rec"} 1"#,
+        r#"hookmesh_partitions{handler="rec"} 16"#,
+        r#"hookmesh_partitions_owned{handler="rec"} 16"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 
     // The old version keeps serving, and stamps its version on failures.
     assert!(runs(&v1).await);
@@ -344,12 +354,24 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
     // pull requests ended, so none is open for T-3 to be delivered to).
     wait_for(Duration::from_secs(10), "dispatch stopped", || async {
         !host
-            .get("/metrics")
+            .admin_get("/metrics")
             .await
             .1
             .contains("handler_version{handler=\"rec\"")
             && host.owned("rec").await == 0
     })
+    .await;
+    // A removed handler has no partitions to own: nothing to alert on.
+    wait_for(
+        Duration::from_secs(10),
+        "its partition count gone",
+        || async {
+            !host
+                .metrics()
+                .await
+                .contains("hookmesh_partitions{handler=\"rec\"}")
+        },
+    )
     .await;
     let t3 = host.send("crm", ticket("T-3", false), "k-3").await.json;
     let t3_seq = t3["stream_seq"].as_u64().expect("seq");
@@ -397,7 +419,7 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
     wait_for(Duration::from_secs(10), "the handler stopped", || async {
         host.owned("rec").await == 0
             && !host
-                .get("/metrics")
+                .admin_get("/metrics")
                 .await
                 .1
                 .contains("handler_version{handler=\"rec\"")

@@ -10,6 +10,7 @@ mod dlq;
 mod handlers;
 mod ingest;
 mod live_deploy;
+mod observe;
 mod ordering;
 mod outage;
 mod ownership;

@@ -200,8 +200,8 @@ async fn two_hosts_at_once_keep_every_entitys_order() {
             .unwrap_or(0)
     };
     let (on_a, on_b) = (
-        handled(a.get("/metrics").await.1),
-        handled(b.get("/metrics").await.1),
+        handled(a.admin_get("/metrics").await.1),
+        handled(b.admin_get("/metrics").await.1),
     );
     assert_eq!(
         on_a + on_b,

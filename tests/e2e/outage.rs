@@ -49,7 +49,7 @@ async fn nats_down_gives_503_with_retry_after_then_the_host_recovers_by_itself()
         retry.json
     );
     assert_eq!(stored_count(&jetstream(&nats).await).await, 2);
-    let metrics = host.get("/metrics").await.1;
+    let metrics = host.admin_get("/metrics").await.1;
     assert!(metrics.contains(r#"reason="unavailable"} 1"#), "{metrics}");
 }
 

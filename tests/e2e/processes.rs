@@ -57,6 +57,7 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
     let env = vec![
         ("HOOKMESH_NATS_URL", "nats://127.0.0.1:0".to_string()),
         ("HOOKMESH_HTTP_LISTEN", "127.0.0.1:0".to_string()),
+        ("HOOKMESH_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
         (
             "NATS_SERVER_BIN",
             hookmesh_test_support::server_binary().display().to_string(),

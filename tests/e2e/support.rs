@@ -31,6 +31,8 @@ pub struct Options {
     pub partitions: u32,
     /// Handlers the host runs.
     pub handlers: Vec<hookmesh::manifest::Manifest>,
+    /// `admin.token` (unset: the admin listener only reads).
+    pub admin_token: Option<String>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             listen: "127.0.0.1:0".into(),
             partitions: 16,
             handlers: Vec::new(),
+            admin_token: None,
         }
     }
 }
@@ -56,7 +59,12 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         listen,
         partitions,
         handlers: _,
+        admin_token,
     } = options;
+    let token = admin_token
+        .as_ref()
+        .map(|t| format!("token = \"{t}\"\n"))
+        .unwrap_or_default();
     format!(
         r#"
 [nats]
@@ -66,6 +74,9 @@ url = "{nats_url}"
 listen = "{listen}"
 max_body_bytes = {max_body_bytes}
 
+[admin]
+listen = "127.0.0.1:0"
+{token}
 [ingest]
 duplicate_window = "{duplicate_window}"
 idempotency_ttl = "7d"
@@ -130,8 +141,10 @@ pub struct Answer {
 pub struct TestHost {
     /// Its configuration.
     pub config: Config,
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`: the webhook listener.
     pub base: String,
+    /// `http://127.0.0.1:<port>`: the admin listener (`/metrics`, `/console`).
+    pub admin: String,
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), hookmesh::server::ServeError>>>,
@@ -165,14 +178,22 @@ impl TestHost {
             &Env::default(),
         )
         .expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind")
+        };
+        let listeners = hookmesh::server::Listeners {
+            webhook: bind().await,
+            admin: bind().await,
+        };
+        let url =
+            |l: &tokio::net::TcpListener| format!("http://{}", l.local_addr().expect("address"));
+        let (base, admin) = (url(&listeners.webhook), url(&listeners.admin));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(hookmesh::server::run(
             config.clone(),
-            listener,
+            listeners,
             hookmesh::server::Options {
                 streams: Mode::Update,
                 handlers: options.handlers.clone(),
@@ -185,6 +206,7 @@ impl TestHost {
         TestHost {
             config,
             base,
+            admin,
             http: reqwest::Client::new(),
             stop: Some(stop),
             task: Some(task),
@@ -224,10 +246,23 @@ impl TestHost {
         }
     }
 
+    /// GETs a path of the admin listener: status and body text.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        match self.http.get(format!("{}{path}", self.admin)).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// Its `/metrics` text (on the admin listener).
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.1
+    }
+
     /// How many partitions of `handler` this host works now (its
     /// `hookmesh_partitions_owned` gauge).
     pub async fn owned(&self, handler: &str) -> u64 {
-        owned_in(&self.get("/metrics").await.1, handler)
+        owned_in(&self.metrics().await, handler)
     }
 
     /// Signs `body` as `provider` would (with `id` as the event id when the
@@ -490,12 +525,20 @@ pub struct LoggedProcess {
     log: PathBuf,
     /// `host:port` of its HTTP listener.
     pub address: String,
+    /// `host:port` of its admin listener.
+    pub admin: String,
 }
 
 impl LoggedProcess {
-    /// Runs `hookmesh <args>` in `dir` with its log in `dir/<name>.log`,
-    /// and waits until it listens and its dispatch runs.
-    pub async fn start(dir: &std::path::Path, args: &[&str], name: &str) -> LoggedProcess {
+    /// Runs `hookmesh <args>` in `dir` with extra environment and its log
+    /// in `dir/<name>.log`, without waiting for anything (`address` and
+    /// `admin` stay empty).
+    pub fn spawn(
+        dir: &std::path::Path,
+        args: &[&str],
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> LoggedProcess {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(hookmesh_bin())
             .args(args)
@@ -504,28 +547,39 @@ impl LoggedProcess {
                 "HOOKMESH_LOG",
                 std::env::var("E2E_HOST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .env_remove("HOOKMESH_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn hookmesh");
-        let mut process = LoggedProcess {
+        LoggedProcess {
             child,
             log,
             address: String::new(),
-        };
+            admin: String::new(),
+        }
+    }
+
+    /// Runs `hookmesh <args>` in `dir` with its log in `dir/<name>.log`,
+    /// and waits until it listens and its dispatch runs.
+    pub async fn start(dir: &std::path::Path, args: &[&str], name: &str) -> LoggedProcess {
+        let mut process = Self::spawn(dir, args, name, &[]);
         wait_for(Duration::from_secs(90), "dispatch started", || async {
             process.log().contains("dispatch started")
         })
         .await;
-        process.address = process
-            .log()
-            .split("address=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("a listening address in the log")
-            .to_string();
+        let log = process.log();
+        let after = |marker: &str| {
+            log.split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{marker} in the log"))
+                .to_string()
+        };
+        process.address = after("address=");
+        process.admin = after("admin=");
         process
     }
 
@@ -534,9 +588,10 @@ impl LoggedProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Its `/metrics` text (empty when it does not answer).
+    /// Its `/metrics` text from its admin listener (empty when it does not
+    /// answer).
     pub async fn metrics(&self) -> String {
-        match reqwest::get(format!("http://{}/metrics", self.address)).await {
+        match reqwest::get(format!("http://{}/metrics", self.admin)).await {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }

@@ -912,3 +912,52 @@ fn bad_override_values_name_the_variable() {
         "HOOKMESH_PROVIDERS_CRM_TOLERANCE: providers.crm.tolerance: must be at least 1s"
     );
 }
+
+// ---------------------------------------------------------------------------
+// [admin] and [log]
+
+#[test]
+fn the_admin_listener_defaults_to_loopback_9464_without_a_token() {
+    let config = load_ok("", &Env::default());
+    assert_eq!(config.admin.listen, "127.0.0.1:9464".parse().expect("addr"));
+    assert!(config.admin.token.is_none());
+    assert_eq!(config.log.format, LogFormat::Human);
+}
+
+#[test]
+fn the_admin_token_comes_from_the_environment_or_a_file_and_never_shows() {
+    let env = vars(&[("ADMIN_TOKEN", "a-long-enough-admin-token")]);
+    let config = load_ok(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:ADMIN_TOKEN\"\n",
+        &env,
+    );
+    assert_eq!(
+        config.admin.token,
+        Some(Redacted("a-long-enough-admin-token".into()))
+    );
+    assert!(!format!("{config:?}").contains("a-long-enough-admin-token"));
+
+    let file = TempFile::new("admin-token", "token-from-a-file-0123\n");
+    let config = load_ok(
+        &format!("[admin]\ntoken = \"{}\"\n", file.reference()),
+        &Env::default(),
+    );
+    assert_eq!(
+        config.admin.token,
+        Some(Redacted("token-from-a-file-0123".into()))
+    );
+}
+
+#[test]
+fn admin_and_log_take_environment_overrides() {
+    let env = vars(&[
+        ("HOOKMESH_ADMIN_LISTEN", "127.0.0.1:19464"),
+        ("HOOKMESH_LOG_FORMAT", "json"),
+    ]);
+    let config = load_ok("", &env);
+    assert_eq!(
+        config.admin.listen,
+        "127.0.0.1:19464".parse().expect("addr")
+    );
+    assert_eq!(config.log.format, LogFormat::Json);
+}

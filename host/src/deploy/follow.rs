@@ -173,6 +173,7 @@ impl Follower {
                     slot.cancel_switch();
                 }
                 error!(%error, "version not activated on this host; the previous one keeps running");
+                self.metrics.activation_failed(&name);
                 let mut record = AuditRecord::new(
                     Action::ActivationFailed,
                     &audit::host_actor(),

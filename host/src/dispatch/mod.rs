@@ -289,6 +289,7 @@ impl Dispatch {
         let gauge_name = name.clone();
         let ack_slot = slot.clone();
         let metrics = self.metrics.clone();
+        let partitions = self.partitions;
         let ownership = ownership::Ownership::new(
             self.leases.clone(),
             &name,
@@ -299,9 +300,15 @@ impl Dispatch {
                 dispatch: self.clone(),
                 slot,
             },
-            move |owned| metrics.partitions_owned(&gauge_name, owned),
+            // Set on every round, beside the owned count, so a handler
+            // removed and started again at once shows its partitions.
+            move |owned| {
+                metrics.partitions_owned(&gauge_name, owned);
+                metrics.partitions(&gauge_name, Some(partitions));
+            },
         );
         ownership.run(shutdown).await;
+        self.metrics.partitions(&name, None);
     }
 
     /// The consumer config of a handler's partition.

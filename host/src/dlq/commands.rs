@@ -9,9 +9,9 @@ use anyhow::{Context, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
 
-use super::replay::{self, ReplayRequest};
+use super::replay::{self, ReplayOutcome, ReplayRequest};
 use super::store::{self, Selection};
-use super::{DeadLetter, DlqReason};
+use super::{DeadLetter, DlqError, DlqReason};
 use crate::audit::{self, Action, AuditRecord, DeadLetterRef};
 use crate::records::attempts;
 use crate::records::park;
@@ -184,12 +184,7 @@ pub async fn replay(
     }
     let mut failed = 0;
     for entry in &entries {
-        let request = ReplayRequest {
-            dlq_seq: entry.dlq_seq,
-            actor: actor.to_string(),
-            payload: payload.clone(),
-        };
-        match replay::request(client, &entry.handler, &request, REPLAY_TIMEOUT).await {
+        match replay_entry(client, entry, payload.clone(), actor).await {
             Ok(outcome) if outcome.ok => println!(
                 "replayed {} on {} version {}: ok, entry removed{}",
                 entry.dlq_seq,
@@ -226,6 +221,24 @@ pub async fn replay(
     Ok(())
 }
 
+/// Runs one dead letter through its handler's current version on a running
+/// host (`payload` in place of the stored one for this replay only), as
+/// `actor`; the host settles and audits it. The CLI and the console both
+/// replay through here.
+pub async fn replay_entry(
+    client: &async_nats::Client,
+    entry: &DeadLetter,
+    payload: Option<Bytes>,
+    actor: &str,
+) -> Result<ReplayOutcome, DlqError> {
+    let request = ReplayRequest {
+        dlq_seq: entry.dlq_seq,
+        actor: actor.to_string(),
+        payload,
+    };
+    replay::request(client, &entry.handler, &request, REPLAY_TIMEOUT).await
+}
+
 /// `dlq purge`: deletes entries after confirmation, releases the entities
 /// they parked, and audits it.
 pub async fn purge(
@@ -248,13 +261,43 @@ pub async fn purge(
     if !yes && !confirm(&format!("Delete these {} dead letter(s)?", entries.len()))? {
         bail!("nothing purged");
     }
+    let report = purge_entries(js, &entries, actor).await?;
+    for (seq, error) in &report.failed {
+        println!("{seq:>8}  not purged: {error}");
+    }
+    println!("purged {} dead letter(s)", report.purged.len());
+    if !report.failed.is_empty() {
+        let seqs: Vec<u64> = report.failed.iter().map(|(seq, _)| *seq).collect();
+        bail!("{} dead letter(s) not purged: {seqs:?}", seqs.len());
+    }
+    Ok(())
+}
+
+/// What [`purge_entries`] did.
+#[derive(Debug, Default)]
+pub struct PurgeReport {
+    /// The entries deleted.
+    pub purged: Vec<u64>,
+    /// The entries not deleted, and why.
+    pub failed: Vec<(u64, String)>,
+}
+
+/// Deletes `entries` (each claimed meanwhile, so a replay running on it is
+/// not raced), releases the entities they parked, and writes one audit
+/// record per handler for what was purged — also when some were not. The
+/// CLI and the console both purge through here.
+pub async fn purge_entries(
+    js: &jetstream::Context,
+    entries: &[DeadLetter],
+    actor: &str,
+) -> anyhow::Result<PurgeReport> {
     let bucket = js
         .get_key_value(ATTEMPTS_BUCKET)
         .await
         .with_context(|| format!("KV bucket {ATTEMPTS_BUCKET}"))?;
     let mut by_handler: std::collections::BTreeMap<&str, Vec<DeadLetterRef>> = Default::default();
-    let mut failures = Vec::new();
-    for entry in &entries {
+    let mut report = PurgeReport::default();
+    for entry in entries {
         // Claimed, so a replay running on it now is not raced.
         let who = format!("a purge by {actor}");
         let purged = match store::claim(&bucket, entry.dlq_seq, &who).await {
@@ -266,32 +309,26 @@ pub async fn purge(
             Err(error) => Err(error.into()),
         };
         match purged {
-            Ok(()) => by_handler
-                .entry(&entry.handler)
-                .or_default()
-                .push(DeadLetterRef {
-                    dlq_seq: entry.dlq_seq,
-                    stream_seq: entry.stream_seq,
-                    subject: entry.subject.clone(),
-                }),
-            Err(error) => {
-                println!("{:>8}  not purged: {error:#}", entry.dlq_seq);
-                failures.push(entry.dlq_seq);
+            Ok(()) => {
+                report.purged.push(entry.dlq_seq);
+                by_handler
+                    .entry(&entry.handler)
+                    .or_default()
+                    .push(DeadLetterRef {
+                        dlq_seq: entry.dlq_seq,
+                        stream_seq: entry.stream_seq,
+                        subject: entry.subject.clone(),
+                    });
             }
+            Err(error) => report.failed.push((entry.dlq_seq, format!("{error:#}"))),
         }
     }
-    // What was purged is audited even when some entries were not.
-    let purged: usize = by_handler.values().map(Vec::len).sum();
     for (handler, refs) in by_handler {
         let mut record = AuditRecord::new(Action::Purge, actor, handler, "ok");
         record.entries = refs;
         audit::write(js, &record).await?;
     }
-    println!("purged {purged} dead letter(s)");
-    if !failures.is_empty() {
-        bail!("{} dead letter(s) not purged: {failures:?}", failures.len());
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// Resolves, deletes and releases one entry (resolved first: an advisory
@@ -355,17 +392,12 @@ fn describe(selection: &Selection) -> String {
 }
 
 /// A compact age: `42s`, `7m`, `3h`, `2d`.
-fn age(now: SystemTime, then: SystemTime) -> String {
-    let secs = now.duration_since(then).unwrap_or_default().as_secs();
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m", s / 60),
-        s if s < 86_400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
+pub fn age(now: SystemTime, then: SystemTime) -> String {
+    crate::status::render::age(now.duration_since(then).unwrap_or_default().as_secs())
 }
 
-fn shorten(text: &str, max: usize) -> String {
+/// `text` cut to `max` characters, an ellipsis marking the cut.
+pub fn shorten(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         text.to_string()
     } else {
@@ -375,7 +407,7 @@ fn shorten(text: &str, max: usize) -> String {
 }
 
 /// JSON pretty-printed; other text as is; binary as a note.
-fn pretty(payload: &[u8]) -> String {
+pub fn pretty(payload: &[u8]) -> String {
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload)
         && let Ok(text) = serde_json::to_string_pretty(&value)
     {
