@@ -997,9 +997,6 @@ enum Settle {
     /// `Message::double_ack`, as the host does: a fresh inbox subscription
     /// (SUB, UNSUB) per ack, and the server's answer awaited.
     DoubleAck,
-    /// `+ACK` sent with `Client::request`: the server's answer awaited on
-    /// the client's one shared reply subscription.
-    Request,
 }
 
 /// One breakdown variant: a consumer per partition on `HOOK_EVENTS`.
@@ -1066,26 +1063,22 @@ async fn breakdown(
         prepared,
         services: Arc::new(MemoryServices::default()),
     };
+    // The host's consumer pattern: 16 filtered consumers, a window of
+    // twice the default concurrency, pulls of half a window.
+    let window = i64::from(hookmesh::manifest::DEFAULT_CONCURRENCY) * 2;
     let variants = [
         Variant {
-            label: "  host's consumers, no handler, double_ack",
-            prefix: "bench_double",
-            max_ack_pending: 1,
-            settle: Settle::DoubleAck,
-            invoke: false,
-        },
-        Variant {
-            label: "  host's consumers, no handler, ack via request",
-            prefix: "bench_request",
-            max_ack_pending: 1,
-            settle: Settle::Request,
-            invoke: false,
-        },
-        Variant {
-            label: "  host's consumers, no handler, plain ack",
+            label: "  host's consumers (window, half-window pulls), no handler, plain ack",
             prefix: "bench_ack",
-            max_ack_pending: 1,
+            max_ack_pending: window,
             settle: Settle::Ack,
+            invoke: false,
+        },
+        Variant {
+            label: "  same, double_ack",
+            prefix: "bench_double",
+            max_ack_pending: window,
+            settle: Settle::DoubleAck,
             invoke: false,
         },
         Variant {
@@ -1096,10 +1089,10 @@ async fn breakdown(
             invoke: false,
         },
         Variant {
-            label: "  host's consumers + Runtime::invoke, double_ack",
+            label: "  host's consumers + Runtime::invoke, plain ack",
             prefix: "bench_invoke",
-            max_ack_pending: 1,
-            settle: Settle::DoubleAck,
+            max_ack_pending: window,
+            settle: Settle::Ack,
             invoke: true,
         },
     ];
@@ -1157,13 +1150,17 @@ async fn run_variant(
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for (consumer, &count) in consumers.into_iter().zip(counts) {
-        let client = client.clone();
         let invoker = invoker.clone();
         let settle = variant.settle;
+        let max_ack_pending = variant.max_ack_pending;
         workers.spawn(async move {
             let mut messages = consumer
                 .stream()
-                .max_messages_per_batch(100)
+                .max_messages_per_batch(
+                    usize::try_from(max_ack_pending / 2)
+                        .unwrap_or(64)
+                        .clamp(1, 100),
+                )
                 .expires(Duration::from_secs(30))
                 .heartbeat(Duration::from_secs(5))
                 .messages()
@@ -1196,14 +1193,6 @@ async fn run_variant(
                 let acked = match settle {
                     Settle::Ack => message.ack().await,
                     Settle::DoubleAck => message.double_ack().await,
-                    Settle::Request => {
-                        let reply = message.reply.clone().context("a delivery without reply")?;
-                        client
-                            .request(reply, Bytes::from_static(b"+ACK"))
-                            .await
-                            .map(drop)
-                            .map_err(Into::into)
-                    }
                 };
                 acked.map_err(|e| anyhow::anyhow!("settling: {e}"))?;
                 settled += 1;

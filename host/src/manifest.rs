@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The `concurrency` of a manifest that does not set it.
+pub const DEFAULT_CONCURRENCY: u32 = 64;
+
 /// The largest `concurrency` a manifest may ask for.
 pub const MAX_CONCURRENCY: u32 = 1024;
 
@@ -153,7 +156,7 @@ mod defaults {
         10
     }
     pub fn concurrency() -> u32 {
-        64
+        super::DEFAULT_CONCURRENCY
     }
     pub fn ack_wait() -> Duration {
         Duration::from_secs(30)

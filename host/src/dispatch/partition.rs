@@ -409,13 +409,23 @@ async fn run(shared: &Shared, message: &jetstream::Message, check: bool) -> End 
         delivery,
     );
     async move {
-        if check && let Some(end) = joins_hold(shared, message, &manifest, stream_seq).await {
+        // Cold paths (once per entity and owner, a redelivery) are boxed:
+        // their state would otherwise weigh on every event's future.
+        if check
+            && let Some(end) = Box::pin(joins_hold(shared, message, &manifest, stream_seq)).await
+        {
             return end;
         }
         // What earlier deliveries did (a host that died, a lost ack).
         let mut attempt = 1;
         if delivery > 1 {
-            match attempts::read(&dispatch.attempts, &manifest.name, stream_seq).await {
+            match Box::pin(attempts::read(
+                &dispatch.attempts,
+                &manifest.name,
+                stream_seq,
+            ))
+            .await
+            {
                 Ok(Some(record)) if record.resolved.as_deref() == Some("ran-after-park") => {
                     debug!("ran already while its entity was held; acked");
                     let _ = message.double_ack().await;
@@ -520,20 +530,24 @@ async fn attempts_loop(
         let server_last = delivery >= u64::try_from(manifest.max_deliver).unwrap_or(u64::MAX);
         let parks_first = server_last && manifest.on_dead_letter == OnDeadLetter::Park;
         if parks_first
-            && let Err(error) = park::hold(
+            && let Err(error) = Box::pin(park::hold(
                 &dispatch.attempts,
                 &manifest.name,
                 &message.subject,
                 stream_seq,
-            )
+            ))
             .await
         {
             warn!(%error, "could not park the entity ahead of the last delivery");
         }
-        let subject = message.subject.to_string();
         let outcome = match input {
             Ok(input) => {
-                with_progress(message, &manifest, dispatch.execute(&prepared, input))
+                // Boxed: an invocation's state (wasmtime's futures, the
+                // emits' publishes) is large, and would otherwise sit
+                // inline in every event's future from the moment it is
+                // queued.
+                let execute = Box::pin(dispatch.execute(&prepared, input));
+                with_progress(message, &manifest, execute)
                     .instrument(span.clone())
                     .await
             }
@@ -543,8 +557,7 @@ async fn attempts_loop(
         let (reason, error) = match outcome {
             Ok(emits) => {
                 if parks_first {
-                    dispatch
-                        .lift_hold(&manifest.name, &subject, stream_seq)
+                    Box::pin(dispatch.lift_hold(&manifest.name, &message.subject, stream_seq))
                         .await;
                 }
                 // A plain ack: acks reach the consumer in the order they are
@@ -560,68 +573,122 @@ async fn attempts_loop(
             }
             Err(failure) => failure,
         };
-        let outcome = Outcome::Failed {
+        // Failures are the cold path: boxed, so their state does not
+        // weigh on every event's future.
+        let failed = Failed {
+            stream_seq,
+            attempt,
             reason,
-            retry_after: None,
+            error,
         };
-        dispatch
-            .fail(
+        match Box::pin(after_failure(
+            shared, message, &manifest, &version, failed, &span,
+        ))
+        .await
+        {
+            AfterFailure::Retry => attempt += 1,
+            AfterFailure::End(end) => return end,
+        }
+    }
+}
+
+/// A failed attempt of an event.
+struct Failed {
+    stream_seq: u64,
+    attempt: u64,
+    reason: Reason,
+    error: String,
+}
+
+/// What a failed attempt leads to.
+enum AfterFailure {
+    /// Run the event again (the wait is over).
+    Retry,
+    /// The event's task ends so.
+    End(End),
+}
+
+/// Records a failed attempt and settles it by the policy: a retry in hand
+/// (after waiting), the entity held for a long backoff, or a dead letter.
+async fn after_failure(
+    shared: &Shared,
+    message: &jetstream::Message,
+    manifest: &Manifest,
+    version: &str,
+    failed: Failed,
+    span: &tracing::Span,
+) -> AfterFailure {
+    let dispatch = &shared.dispatch;
+    let Failed {
+        stream_seq,
+        attempt,
+        reason,
+        error,
+    } = failed;
+    let subject = message.subject.as_str();
+    dispatch
+        .fail(
+            &manifest.name,
+            version,
+            message,
+            stream_seq,
+            attempt,
+            &error,
+            reason,
+        )
+        .await;
+    let outcome = Outcome::Failed {
+        reason,
+        retry_after: None,
+    };
+    match policy(manifest).decide(attempt, &outcome) {
+        // Not for a failure; acked like a success should it ever be
+        // (its failure is in the attempt record).
+        Settle::Ack => {
+            let _ = message.double_ack().await;
+            AfterFailure::End(End::Settled)
+        }
+        Settle::RetryHere { delay } => {
+            info!(parent: span, %error, ?reason, retry_in = ?delay, "failed; will retry");
+            if wait_in_hand(shared, message, manifest, delay).await {
+                AfterFailure::Retry
+            } else {
+                AfterFailure::End(End::Returned)
+            }
+        }
+        Settle::Hold { delay } => {
+            let retry_at = now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            match park::hold_for_retry(
+                &dispatch.attempts,
                 &manifest.name,
-                &version,
-                message,
+                subject,
                 stream_seq,
-                attempt,
-                &error,
-                reason,
+                retry_at,
             )
-            .await;
-        match policy(&manifest).decide(attempt, &outcome) {
-            // Not for a failure; acked like a success should it ever be
-            // (its failure is in the attempt record).
-            Settle::Ack => {
-                let _ = message.double_ack().await;
-                return End::Settled;
-            }
-            Settle::RetryHere { delay } => {
-                info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; will retry");
-                if !wait_in_hand(shared, message, &manifest, delay).await {
-                    return End::Returned;
-                }
-                attempt += 1;
-            }
-            Settle::Hold { delay } => {
-                let retry_at = now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                match park::hold_for_retry(
-                    &dispatch.attempts,
-                    &manifest.name,
-                    &subject,
-                    stream_seq,
-                    retry_at,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        info!(parent: &span, %error, ?reason, retry_in = ?delay, "failed; the entity waits out the backoff, other entities go on");
-                        if let Err(error) = message.double_ack().await {
-                            warn!(%error, "ack not confirmed; the event waits in its entity's record all the same");
-                        }
-                        return End::Held;
+            .await
+            {
+                Ok(()) => {
+                    info!(parent: span, %error, ?reason, retry_in = ?delay, "failed; the entity waits out the backoff, other entities go on");
+                    if let Err(error) = message.double_ack().await {
+                        warn!(%error, "ack not confirmed; the event waits in its entity's record all the same");
                     }
-                    Err(hold_error) => {
-                        // Cannot hold: wait in hand instead (the window
-                        // keeps the event, nothing is lost).
-                        warn!(parent: &span, error = %hold_error, "could not hold the entity; the event waits in hand");
-                        if !wait_in_hand(shared, message, &manifest, delay).await {
-                            return End::Returned;
-                        }
-                        attempt += 1;
+                    AfterFailure::End(End::Held)
+                }
+                Err(hold_error) => {
+                    // Cannot hold: wait in hand instead (the window keeps
+                    // the event, nothing is lost).
+                    warn!(parent: span, error = %hold_error, "could not hold the entity; the event waits in hand");
+                    if wait_in_hand(shared, message, manifest, delay).await {
+                        AfterFailure::Retry
+                    } else {
+                        AfterFailure::End(End::Returned)
                     }
                 }
             }
-            Settle::DeadLetter { park } => {
-                warn!(parent: &span, %error, ?reason, attempt, "failed; dead letter");
-                return dead_letter(shared, message, &manifest, stream_seq, park).await;
-            }
+        }
+        Settle::DeadLetter { park } => {
+            warn!(parent: span, %error, ?reason, attempt, "failed; dead letter");
+            AfterFailure::End(dead_letter(shared, message, manifest, stream_seq, park).await)
         }
     }
 }
