@@ -74,21 +74,17 @@ pub fn input_from(
     attempt: u64,
 ) -> Result<EventInput, NotAnEvent> {
     let address = EventAddress::parse(subject).map_err(NotAnEvent::Subject)?;
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .flat_map(|map| map.iter())
-        .flat_map(|(name, values)| {
-            values
-                .iter()
-                .map(move |v| (name.to_string(), v.as_str().to_string()))
-        })
-        .collect();
     let get = |name: &str| {
         headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
+            .and_then(|map| header::get(map, name))
+            .map(str::to_string)
     };
+    let mut all = Vec::with_capacity(headers.map_or(0, |map| map.iter().count()));
+    for (name, values) in headers.iter().flat_map(|map| map.iter()) {
+        for value in values {
+            all.push((name.to_string(), value.as_str().to_string()));
+        }
+    }
     Ok(EventInput {
         id: get(header::EVENT_ID),
         idempotency_key: get(header::MSG_ID).unwrap_or_else(|| format!("seq:{stream_seq}")),
@@ -103,7 +99,7 @@ pub fn input_from(
             .unwrap_or_else(|| humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
         subject: subject.to_string(),
         attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-        headers,
+        headers: all,
         payload: payload.to_vec(),
     })
 }
@@ -151,6 +147,9 @@ pub async fn publish_emits(
     emits: &[Emit],
     partitions: u32,
 ) -> Result<(), EmitError> {
+    if emits.is_empty() {
+        return Ok(());
+    }
     let received_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let mut acks = Vec::with_capacity(emits.len());
     for (index, emit) in emits.iter().enumerate() {

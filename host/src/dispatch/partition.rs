@@ -365,9 +365,12 @@ async fn next_message(
 /// The entity an event subject names: `<provider>.<domain>.<entity>` (the
 /// whole subject for one that is not an event's: it runs alone).
 pub fn entity_of(subject: &str) -> String {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    if tokens.len() >= 6 && tokens[0] == crate::subject::EVENT_PREFIX {
-        format!("{}.{}.{}", tokens[1], tokens[2], tokens[4])
+    let mut tokens = subject.split('.');
+    let mut next = || tokens.next().unwrap_or_default();
+    let (prefix, provider, domain, _partition, entity, event_type) =
+        (next(), next(), next(), next(), next(), next());
+    if prefix == crate::subject::EVENT_PREFIX && !event_type.is_empty() {
+        [provider, domain, entity].join(".")
     } else {
         subject.to_string()
     }
@@ -736,12 +739,14 @@ async fn with_progress<T>(
     work: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
-    let mut progress = tokio::time::interval(manifest.ack_wait / 3);
-    progress.tick().await;
+    let period = manifest.ack_wait / 3;
     loop {
+        // The work first: one that is done at its first poll (most are)
+        // never arms the timer.
         tokio::select! {
+            biased;
             done = &mut work => return done,
-            _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
+            _ = tokio::time::sleep(period) => { let _ = message.ack_with(AckKind::Progress).await; }
         }
     }
 }
