@@ -66,7 +66,7 @@ pub enum Command {
         command: DlqCommand,
     },
     /// Validate a handler component, upload it and make it the active version.
-    Deploy(crate::deploy::cli::DeployArgs),
+    Deploy(Box<crate::deploy::cli::DeployArgs>),
     /// Deployed handlers: list, show, rollback, remove.
     Handlers {
         /// What to do.
@@ -192,7 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: StreamsCommand::Apply,
         } => apply_streams(&config).await,
         Command::Dlq { command } => dlq_command(&config, command).await,
-        Command::Deploy(args) => crate::deploy::cli::deploy(&config, args).await,
+        Command::Deploy(args) => crate::deploy::cli::deploy(&config, *args).await,
         Command::Handlers { command } => crate::deploy::cli::handlers(&config, command).await,
         Command::Send {
             provider,

@@ -12,6 +12,7 @@ mod ingest;
 mod live_deploy;
 mod ordering;
 mod outage;
+mod outbound;
 mod ownership;
 mod processes;
 mod runtime;

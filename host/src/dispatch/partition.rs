@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::ownership::{Fence, now_ms};
 use super::scheduler::EntityQueues;
 use super::settle::{Outcome, Policy, Settle};
-use super::{Dispatch, HandlerSlot, Reason, event, version_of};
+use super::{Dispatch, Failed, HandlerSlot, Reason, event, version_of};
 use crate::manifest::{Manifest, OnDeadLetter};
 use crate::records::attempts;
 use crate::records::park;
@@ -509,10 +509,14 @@ async fn attempts_loop(
                     .instrument(span.clone())
                     .await
             }
-            Err(error) => Err((Reason::Permanent, error.to_string())),
+            Err(error) => Err(Failed::new(Reason::Permanent, error.to_string())),
         };
         drop(permit);
-        let (reason, error) = match outcome {
+        let Failed {
+            reason,
+            error,
+            retry_after,
+        } = match outcome {
             Ok(emits) => {
                 if parks_first {
                     dispatch
@@ -531,7 +535,7 @@ async fn attempts_loop(
         };
         let outcome = Outcome::Failed {
             reason,
-            retry_after: None,
+            retry_after,
         };
         dispatch
             .fail(
