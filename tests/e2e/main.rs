@@ -7,6 +7,7 @@ mod support;
 
 mod deploy;
 mod dlq;
+mod erp;
 mod handlers;
 mod ingest;
 mod live_deploy;

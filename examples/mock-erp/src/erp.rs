@@ -128,7 +128,7 @@ impl Fault {
 /// One request the ERP saw, and how it answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Seen {
-    /// When it was answered (Unix milliseconds).
+    /// When it was handled (Unix milliseconds), before any scripted delay.
     pub at_ms: u64,
     /// The request.
     #[serde(flatten)]

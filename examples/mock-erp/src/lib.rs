@@ -162,11 +162,10 @@ async fn write(
         traceparent: header(&headers, "traceparent"),
         correlation_id: header(&headers, "x-correlation-id"),
     };
-    let answer = match erp.plan(&path) {
-        Plan::Fail(answer, delay) => {
-            tokio::time::sleep(delay).await;
-            answer
-        }
+    // Recorded when handled, before any delay: a request whose answer is
+    // held back (and maybe never sent) is in the log all the same.
+    let (answer, delay) = match erp.plan(&path) {
+        Plan::Fail(answer, delay) => (answer, delay),
         Plan::Handle(delay) => {
             let answer = match serde_json::from_slice::<Value>(&body) {
                 Err(e) => Answer::error(400, format!("the body is not JSON: {e}")),
@@ -181,11 +180,11 @@ async fn write(
                     })
                 }
             };
-            tokio::time::sleep(delay).await;
-            answer
+            (answer, delay)
         }
     };
     erp.saw(&incoming, &answer);
+    tokio::time::sleep(delay).await;
     respond(answer)
 }
 
