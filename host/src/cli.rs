@@ -43,6 +43,16 @@ pub enum Command {
         /// Where compiled components are cached.
         #[arg(long, value_name = "DIR", default_value = ".hookmesh/cache")]
         cache_dir: PathBuf,
+        /// Where the mock ERP (`hookmesh-mock-erp`) is started unless
+        /// something answers there already — the example handlers'
+        /// `erp_url`; `off` starts none.
+        #[arg(
+            long,
+            env = "HOOKMESH_MOCK_ERP",
+            value_name = "ADDR|off",
+            default_value = "127.0.0.1:8090"
+        )]
+        mock_erp: String,
     },
     /// Production host: serve HTTP and run handlers, with the given config file.
     Serve {
@@ -183,7 +193,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up {
             handlers,
             cache_dir,
-        } => up(config, &handlers, cache_dir).await,
+            mock_erp,
+        } => up(config, &handlers, cache_dir, &mock_erp).await,
         Command::Serve {
             handlers,
             cache_dir,
@@ -214,7 +225,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(
+    mut config: Config,
+    handlers_dir: &Path,
+    cache_dir: PathBuf,
+    mock_erp: &str,
+) -> anyhow::Result<()> {
     if config.origin == Origin::Builtin {
         warn!(
             "using the built-in development config: provider `crm` (standard-webhooks) signs with the PUBLIC secret \
@@ -228,11 +244,27 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         // Its port may be one it picked itself.
         config.nats.urls = vec![nats.url().to_string()];
     }
+    let erp = match mock_erp {
+        "off" => None,
+        listen => match crate::mock_erp::ensure(listen, &workdir).await {
+            Ok(erp) => erp,
+            Err(error) => {
+                warn!(%error, "no mock ERP: handlers calling an ERP there fail (transient) until one answers");
+                None
+            }
+        },
+    };
     let listener = bind(&config).await?;
     let address = listener.local_addr()?;
     info!(
         "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json"
     );
+    if let Some(erp) = &erp {
+        info!(
+            "the mock ERP answers on {url}: curl {url}/sales-orders shows the sales orders the handlers made",
+            url = erp.url()
+        );
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if handlers_dir.is_dir() {
         // The handlers of DIR reach the host the way every deploy does:
@@ -260,6 +292,9 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         let _ = stop.send(true);
     };
     let result = server::run(config, listener, options, shutdown).await;
+    if let Some(erp) = erp {
+        erp.stop().await;
+    }
     if let Some(nats) = local_nats {
         nats.stop().await;
     }
