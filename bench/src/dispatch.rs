@@ -535,7 +535,7 @@ struct CpuSpent {
 
 /// Publishes every message, [`PUBLISH_WINDOW`] PubAcks in flight, and fails
 /// on the first refused one.
-async fn publish_all(
+pub(crate) async fn publish_all(
     js: &jetstream::Context,
     messages: impl Iterator<Item = (String, HeaderMap, Bytes)>,
 ) -> anyhow::Result<()> {
@@ -716,7 +716,7 @@ const ACKED_POLL: Duration = Duration::from_millis(5);
 /// nothing awaiting an ack: the point where both sides stop their clock
 /// (the last ack confirmed by the server). Returns the summed
 /// redeliveries the consumers report.
-async fn wait_all_acked(
+pub(crate) async fn wait_all_acked(
     stream: &jetstream::stream::Stream,
     consumers: &[String],
 ) -> anyhow::Result<usize> {

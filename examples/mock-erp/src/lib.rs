@@ -46,6 +46,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -120,6 +121,11 @@ pub async fn serve(
     erp: Arc<Erp>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Answers go out at once (no Nagle delay behind a client's delayed
+    // ack), as from any ERP worth measuring against.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(erp))
         .with_graceful_shutdown(shutdown)
         .await
@@ -184,7 +190,11 @@ async fn write(
         }
     };
     erp.saw(&incoming, &answer);
-    tokio::time::sleep(delay).await;
+    // Only a scripted delay waits: even a zero sleep waits for the timer's
+    // next millisecond tick.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     respond(answer)
 }
 
