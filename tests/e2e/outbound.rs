@@ -270,8 +270,10 @@ async fn response_size_request_count_and_time_are_limited_with_clear_errors() {
     let erp = MockErp::start("127.0.0.1:0").await.expect("mock ERP");
     let url = erp.url();
     let runtime = Runtime::new(Some(guest_cache_dir())).expect("runtime");
-    let mut limited = probe("limited-probe", std::slice::from_ref(&url));
-    limited.max_requests = 3;
+    let port = erp.address().port();
+    let tls = format!("https://127.0.0.1:{port}");
+    let mut limited = probe("limited-probe", &[url.clone(), tls.clone()]);
+    limited.max_requests = 4;
     limited.max_response_bytes = 16 << 10;
     let prepared = prepare(&runtime, limited).await;
     erp.erp()
@@ -282,6 +284,7 @@ async fn response_size_request_count_and_time_are_limited_with_clear_errors() {
         "crm:msg_4",
         json!({"requests": [
             {"method": "POST", "url": format!("{url}/credit-notes"), "json": {}},
+            {"method": "GET", "url": format!("{tls}/sales-orders")},
             {"method": "GET", "url": format!("{url}/sales-orders"), "repeat": 4},
         ]}),
     )
@@ -296,15 +299,25 @@ async fn response_size_request_count_and_time_are_limited_with_clear_errors() {
             None => r["error"].as_str().unwrap_or("?").to_string(),
         })
         .collect();
-    assert_eq!(kinds, ["too-large", "200", "200", "limit", "limit"]);
+    assert_eq!(
+        kinds,
+        ["too-large", "failed", "200", "200", "limit", "limit"],
+        "{results}"
+    );
     assert!(
-        results[3]["message"]
+        results[1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("TlsProtocolError")),
+        "https speaks TLS, here to a plain HTTP port: {results}"
+    );
+    assert!(
+        results[4]["message"]
             .as_str()
             .is_some_and(|m| m.contains("max_requests")),
         "{results}"
     );
     assert_eq!(
-        logs.lines_with(&["handler=limited-probe", "max_requests=3"])
+        logs.lines_with(&["handler=limited-probe", "max_requests=4"])
             .len(),
         2
     );
