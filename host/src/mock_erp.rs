@@ -76,7 +76,7 @@ impl MockErp {
 /// mock started by hand). Its log is `workdir/.hookmesh/mock-erp.log`.
 pub async fn ensure(listen: &str, workdir: &Path) -> Result<Option<MockErp>, MockErpError> {
     if !listen.ends_with(":0") && answers(listen).await {
-        info!(address = %listen, "an ERP answers already; not starting the mock ERP");
+        info!(erp = %listen, "an ERP answers already; not starting the mock ERP");
         return Ok(None);
     }
     let bin = binary().ok_or(MockErpError::NoBinary)?;
@@ -88,7 +88,8 @@ pub async fn ensure(listen: &str, workdir: &Path) -> Result<Option<MockErp>, Moc
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let log = dir.join("mock-erp.log");
     let file = std::fs::File::create(&log).map_err(io(&log))?;
-    let child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    command
         .arg("--listen")
         .arg(listen)
         .env("RUST_LOG", "info")
@@ -97,9 +98,20 @@ pub async fn ensure(listen: &str, workdir: &Path) -> Result<Option<MockErp>, Moc
         .stderr(file)
         // Its own process group: Ctrl-C reaches hookmesh, which stops it.
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(io(&bin))?;
+        .kill_on_drop(true);
+    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec. It ends the mock
+    // ERP with hookmesh even when hookmesh is killed (SIGKILL), instead of
+    // leaving it holding the port.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(io(&bin))?;
     let mut erp = MockErp {
         child,
         url: String::new(),
