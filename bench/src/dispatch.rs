@@ -54,7 +54,6 @@ use futures::stream::FuturesUnordered;
 use hookmesh::config::Config;
 use hookmesh::manifest::Manifest;
 use hookmesh::runtime::{EventInput, MemoryServices, Runtime, Services, Verdict as Outcome};
-use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use hookmesh::subject::EventAddress;
 use serde::Serialize;
@@ -861,24 +860,11 @@ async fn hookmesh_side(
         .timeout(METRICS_TIMEOUT)
         .build()
         .context("building the HTTP client")?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 
     eprintln!("hookmesh-bench: timing hookmesh (host start → last ack confirmed)");
     let cpu = CpuMark::now(nats_pid);
     let started = Instant::now();
-    let mut host = tokio::spawn(hookmesh::server::run(
-        config,
-        listener,
-        Options {
-            streams: Mode::Update,
-            handlers: vec![manifest],
-            cache_dir: Some(cache_dir()),
-        },
-        async move {
-            // A dropped sender stops the host as well as a sent ().
-            let _ = stopped.await;
-        },
-    ));
+    let (mut host, stop) = crate::host::spawn(config, listener, vec![manifest]);
 
     let events = js
         .get_stream(EVENTS_STREAM)

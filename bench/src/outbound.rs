@@ -30,7 +30,6 @@ use bytes::Bytes;
 use hookmesh::headers::EventHeaders;
 use hookmesh::manifest::Manifest;
 use hookmesh::runtime::{EventInput, MemoryServices, Runtime, Services, Verdict as Outcome};
-use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use hookmesh::subject::EventAddress;
 use hookmesh_mock_erp::MockErp;
@@ -367,20 +366,8 @@ async fn host_side(
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding the host's listener")?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let launched = SystemTime::now();
-    let mut host = tokio::spawn(hookmesh::server::run(
-        config,
-        listener,
-        Options {
-            streams: Mode::Update,
-            handlers: vec![manifest],
-            cache_dir: Some(cache_dir()),
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (mut host, stop) = crate::host::spawn(config, listener, vec![manifest]);
     let from_host = |erp: &MockErp| {
         erp.erp()
             .requests()

@@ -54,19 +54,7 @@ impl MockErp {
 
     /// Stops it (SIGTERM), killing it after 5 s.
     pub async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) with a pid we spawned and still own; no memory
-            // is shared with the call.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        crate::local::terminate(&mut self.child, Duration::from_secs(5)).await;
         info!("mock ERP stopped");
     }
 }
