@@ -54,7 +54,6 @@ use futures::stream::FuturesUnordered;
 use hookmesh::config::Config;
 use hookmesh::manifest::Manifest;
 use hookmesh::runtime::{EventInput, MemoryServices, Runtime, Services, Verdict as Outcome};
-use hookmesh::server::Options;
 use hookmesh::streams::{EVENTS_STREAM, Mode};
 use hookmesh::subject::EventAddress;
 use serde::Serialize;
@@ -534,7 +533,7 @@ struct CpuSpent {
 
 /// Publishes every message, [`PUBLISH_WINDOW`] PubAcks in flight, and fails
 /// on the first refused one.
-async fn publish_all(
+pub(crate) async fn publish_all(
     js: &jetstream::Context,
     messages: impl Iterator<Item = (String, HeaderMap, Bytes)>,
 ) -> anyhow::Result<()> {
@@ -715,7 +714,7 @@ const ACKED_POLL: Duration = Duration::from_millis(5);
 /// nothing awaiting an ack: the point where both sides stop their clock
 /// (the last ack confirmed by the server). Returns the summed
 /// redeliveries the consumers report.
-async fn wait_all_acked(
+pub(crate) async fn wait_all_acked(
     stream: &jetstream::stream::Stream,
     consumers: &[String],
 ) -> anyhow::Result<usize> {
@@ -858,24 +857,11 @@ async fn hookmesh_side(
         .timeout(METRICS_TIMEOUT)
         .build()
         .context("building the HTTP client")?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 
     eprintln!("hookmesh-bench: timing hookmesh (host start → last ack confirmed)");
     let cpu = CpuMark::now(nats_pid);
     let started = Instant::now();
-    let mut host = tokio::spawn(hookmesh::server::run(
-        config,
-        listeners,
-        Options {
-            streams: Mode::Update,
-            handlers: vec![manifest],
-            cache_dir: Some(cache_dir()),
-        },
-        async move {
-            // A dropped sender stops the host as well as a sent ().
-            let _ = stopped.await;
-        },
-    ));
+    let (mut host, stop) = crate::host::spawn(config, listeners, vec![manifest]);
 
     let events = js
         .get_stream(EVENTS_STREAM)

@@ -71,3 +71,30 @@ pub async fn start_nats() -> anyhow::Result<hookmesh_test_support::NatsServer> {
             )
         })
 }
+
+/// Runs the host in this process with `handlers` on `listeners`, until the
+/// returned sender is used or dropped.
+pub fn spawn(
+    config: Config,
+    listeners: hookmesh::server::Listeners,
+    handlers: Vec<hookmesh::manifest::Manifest>,
+) -> (
+    tokio::task::JoinHandle<Result<(), hookmesh::server::ServeError>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let host = tokio::spawn(hookmesh::server::run(
+        config,
+        listeners,
+        hookmesh::server::Options {
+            streams: hookmesh::streams::Mode::Update,
+            handlers,
+            cache_dir: Some(crate::dispatch::cache_dir()),
+        },
+        async move {
+            // A dropped sender stops the host as well as a sent ().
+            let _ = stopped.await;
+        },
+    ));
+    (host, stop)
+}

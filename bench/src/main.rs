@@ -13,6 +13,7 @@ mod dispatch;
 mod host;
 mod ingest;
 mod load;
+mod outbound;
 mod stats;
 
 use std::process::ExitCode;
@@ -46,6 +47,9 @@ enum Scenario {
     /// Time from `deploy` returning until every running host runs the new
     /// version, vs. a bare KV watch notification.
     Deploy(deploy::Args),
+    /// Events through order-sync writing to the mock ERP vs. the same
+    /// requests from a native HTTP client; the latency a request gains.
+    Outbound(outbound::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Dispatch(args) => dispatch::run(args).await,
             Scenario::Deploy(args) => deploy::run(args).await,
+            Scenario::Outbound(args) => outbound::run(args).await,
         }
     });
     match outcome {

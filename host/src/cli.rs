@@ -43,6 +43,16 @@ pub enum Command {
         /// Where compiled components are cached.
         #[arg(long, value_name = "DIR", default_value = ".hookmesh/cache")]
         cache_dir: PathBuf,
+        /// Where the mock ERP (`hookmesh-mock-erp`) is started unless
+        /// something answers there already — the example handlers'
+        /// `erp_url`; `off` starts none.
+        #[arg(
+            long,
+            env = "HOOKMESH_MOCK_ERP",
+            value_name = "ADDR|off",
+            default_value = "127.0.0.1:8090"
+        )]
+        mock_erp: String,
     },
     /// Production host: serve HTTP and run handlers, with the given config file.
     Serve {
@@ -66,7 +76,7 @@ pub enum Command {
         command: DlqCommand,
     },
     /// Validate a handler component, upload it and make it the active version.
-    Deploy(crate::deploy::cli::DeployArgs),
+    Deploy(Box<crate::deploy::cli::DeployArgs>),
     /// Deployed handlers: list, show, rollback, remove.
     Handlers {
         /// What to do.
@@ -194,7 +204,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up {
             handlers,
             cache_dir,
-        } => up(config, &handlers, cache_dir).await,
+            mock_erp,
+        } => up(config, &handlers, cache_dir, &mock_erp).await,
         Command::Serve {
             handlers,
             cache_dir,
@@ -203,7 +214,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: StreamsCommand::Apply,
         } => apply_streams(&config).await,
         Command::Dlq { command } => dlq_command(&config, command).await,
-        Command::Deploy(args) => crate::deploy::cli::deploy(&config, args).await,
+        Command::Deploy(args) => crate::deploy::cli::deploy(&config, *args).await,
         Command::Handlers { command } => crate::deploy::cli::handlers(&config, command).await,
         Command::Status { json, audit } => status(&config, json, audit).await,
         Command::Send {
@@ -226,7 +237,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(
+    mut config: Config,
+    handlers_dir: &Path,
+    cache_dir: PathBuf,
+    mock_erp: &str,
+) -> anyhow::Result<()> {
     if config.origin == Origin::Builtin {
         warn!(
             "using the built-in development config: provider `crm` (standard-webhooks) signs with the PUBLIC secret \
@@ -240,12 +256,28 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         // Its port may be one it picked itself.
         config.nats.urls = vec![nats.url().to_string()];
     }
+    let erp = match mock_erp {
+        "off" => None,
+        listen => match crate::mock_erp::ensure(listen, &workdir).await {
+            Ok(erp) => erp,
+            Err(error) => {
+                warn!(%error, "no mock ERP: handlers calling an ERP there fail (transient) until one answers");
+                None
+            }
+        },
+    };
     let listeners = server::Listeners::bind(&config).await?;
     let address = listeners.webhook.local_addr()?;
     let admin = listeners.admin.local_addr()?;
     info!(
         "hookmesh is up: POST http://{address}/webhooks/<provider> — try: hookmesh send --provider crm --file examples/webhooks/crm-order-created.json — console: http://{admin}/console"
     );
+    if let Some(erp) = &erp {
+        info!(
+            "the mock ERP answers on {url}: curl {url}/sales-orders shows the sales orders the handlers made",
+            url = erp.url()
+        );
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if handlers_dir.is_dir() {
         // The handlers of DIR reach the host the way every deploy does:
@@ -273,6 +305,9 @@ async fn up(mut config: Config, handlers_dir: &Path, cache_dir: PathBuf) -> anyh
         let _ = stop.send(true);
     };
     let result = server::run(config, listeners, options, shutdown).await;
+    if let Some(erp) = erp {
+        erp.stop().await;
+    }
     if let Some(nats) = local_nats {
         nats.stop().await;
     }

@@ -30,7 +30,13 @@ pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
 pub const DEFAULT_FILE: &str = "hookmesh.toml";
 
 /// Environment variables with the `HOOKMESH_` prefix that are not overrides.
-const RESERVED_ENV: &[&str] = &["HOOKMESH_CONFIG", "HOOKMESH_LOG", "HOOKMESH_ACTOR"];
+const RESERVED_ENV: &[&str] = &[
+    "HOOKMESH_CONFIG",
+    "HOOKMESH_LOG",
+    "HOOKMESH_ACTOR",
+    "HOOKMESH_MOCK_ERP",
+    "HOOKMESH_MOCK_ERP_BIN",
+];
 
 /// The keys a provider table accepts; also used to split provider overrides
 /// (`HOOKMESH_PROVIDERS_<NAME>_<KEY>`) where names and keys contain `_`.

@@ -139,9 +139,56 @@ pub fn get<'a>(map: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|value| value.as_str())
 }
 
+/// Whether `value` is a well-formed W3C `traceparent`:
+/// `<version>-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+}
+
+/// A `traceparent` starting a new trace (sampled).
+pub fn new_traceparent() -> String {
+    let trace: u128 = rand::random();
+    let span: u64 = rand::random();
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
+/// A `traceparent` for a child span of `parent`: its trace id and flags
+/// with a new span id; a new trace when there is no well-formed parent.
+pub fn child_traceparent(parent: Option<&str>) -> String {
+    match parent.filter(|p| is_traceparent(p)) {
+        Some(parent) => {
+            let span: u64 = rand::random::<u64>().max(1);
+            format!("00-{}-{span:016x}-{}", &parent[3..35], &parent[53..55])
+        }
+        None => new_traceparent(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_span_keeps_the_trace_and_flags_with_a_new_span_id() {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let child = child_traceparent(Some(parent));
+        assert!(is_traceparent(&child), "{child}");
+        assert_eq!(&child[..36], &parent[..36]);
+        assert_ne!(&child[36..52], &parent[36..52]);
+        assert_eq!(&child[52..], "-01");
+        let orphan = child_traceparent(Some("00-xyz-01"));
+        assert!(
+            is_traceparent(&orphan) && !orphan.contains("xyz"),
+            "{orphan}"
+        );
+        assert!(is_traceparent(&child_traceparent(None)));
+    }
 
     fn event<'a>() -> EventHeaders<'a> {
         EventHeaders {

@@ -281,23 +281,9 @@ fn correlation_id(headers: &HeaderMap) -> String {
 fn traceparent(headers: &HeaderMap) -> String {
     let given = headers.get("traceparent").and_then(|v| v.to_str().ok());
     match given {
-        Some(tp) if is_traceparent(tp) => tp.to_string(),
-        _ => {
-            let trace: u128 = rand::random();
-            let span: u64 = rand::random();
-            format!("00-{trace:032x}-{span:016x}-01")
-        }
+        Some(tp) if crate::headers::is_traceparent(tp) => tp.to_string(),
+        _ => crate::headers::new_traceparent(),
     }
-}
-
-fn is_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
 }
 
 async fn readyz(State(ingress): State<Arc<Ingress>>) -> Response {
@@ -349,7 +335,7 @@ mod tests {
         headers.insert("traceparent", HeaderValue::from_static(valid));
         assert_eq!(traceparent(&headers), valid);
         headers.insert("traceparent", HeaderValue::from_static("00-xyz-01"));
-        assert!(is_traceparent(&traceparent(&headers)));
+        assert!(crate::headers::is_traceparent(&traceparent(&headers)));
         assert_ne!(traceparent(&headers), "00-xyz-01");
     }
 }

@@ -30,8 +30,11 @@
 //! - [`retry`]: the growing pause of every loop waiting for NATS.
 //! - [`server`]: running the host and stopping it cleanly.
 //! - [`manifest`]: handler manifests (`handler.toml`).
-//! - [`runtime`]: running handler components in wasmtime, sandboxed.
+//! - [`runtime`]: running handler components in wasmtime, sandboxed; their
+//!   outgoing HTTP, granted by the manifest (`runtime::http`).
 //! - [`local`]: the development NATS server that `hookmesh up` starts.
+//! - [`mock_erp`]: the mock ERP that `hookmesh up` starts for the example
+//!   handlers to write to.
 //! - [`send`]: signing and POSTing a test webhook (`hookmesh send`).
 //! - [`deploy`]: handler versions in KV/object store `hook_handlers`:
 //!   validating components, deploy, rollback, remove, watching.
@@ -56,6 +59,7 @@ pub mod local;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
+pub mod mock_erp;
 pub mod nats;
 pub mod publish;
 pub mod records;

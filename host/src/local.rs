@@ -130,20 +130,23 @@ impl LocalNats {
 
     /// Stops the server gracefully (SIGTERM), killing it after 10 s.
     pub async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) with a pid we spawned and still own; no memory
-            // is shared with the call.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        terminate(&mut self.child, Duration::from_secs(10)).await;
         info!("local nats-server stopped");
+    }
+}
+
+/// Stops a child process `up` started: SIGTERM, then SIGKILL when it has
+/// not exited after `grace`.
+pub(crate) async fn terminate(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we spawned and still own; no memory
+        // is shared with the call.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
     }
 }
 

@@ -13,6 +13,12 @@ pub const DEFAULT_CONCURRENCY: u32 = 64;
 /// The largest `concurrency` a manifest may ask for.
 pub const MAX_CONCURRENCY: u32 = 1024;
 
+/// The most HTTP requests a manifest may allow one invocation.
+pub const MAX_REQUESTS: u32 = 1024;
+
+/// The largest `max_response_bytes` a manifest may ask for.
+pub const MAX_RESPONSE_BYTES: u64 = 256 << 20;
+
 /// The file name the loader looks for.
 pub const MANIFEST_FILE: &str = "handler.toml";
 
@@ -83,6 +89,18 @@ pub struct Manifest {
     /// What the sandbox grants.
     #[serde(default)]
     pub sandbox: Sandbox,
+    /// Where the handler may send HTTP requests (`wasi:http`):
+    /// `scheme://host[:port]` entries, e.g. `"https://erp.example.com"`,
+    /// `"http://127.0.0.1:8090"`, `"https://*.crm.example.com"`. Empty: no
+    /// outgoing HTTP at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    /// The largest HTTP response body a request may receive, e.g. `4MiB`.
+    #[serde(default = "defaults::max_response_bytes", with = "bytesize")]
+    pub max_response_bytes: u64,
+    /// HTTP requests per invocation, at most.
+    #[serde(default = "defaults::max_requests")]
+    pub max_requests: u32,
     /// Free-form settings, read by the guest through `config`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -173,6 +191,12 @@ mod defaults {
     pub fn backoff_max() -> Duration {
         Duration::from_secs(300)
     }
+    pub fn max_response_bytes() -> u64 {
+        4 << 20
+    }
+    pub fn max_requests() -> u32 {
+        32
+    }
 }
 
 impl Manifest {
@@ -246,6 +270,31 @@ impl Manifest {
             return invalid(
                 "backoff",
                 "initial must be above zero and max at least initial".into(),
+            );
+        }
+        if let Err(bad) = crate::runtime::http::AllowedHosts::parse(&self.allowed_hosts) {
+            return invalid(
+                "allowed_hosts",
+                format!("entry {} {:?}: {}", bad.index + 1, bad.entry, bad.reason),
+            );
+        }
+        if !(1..=MAX_REQUESTS).contains(&self.max_requests) {
+            return invalid(
+                "max_requests",
+                format!(
+                    "must be 1 to {MAX_REQUESTS} (HTTP requests per invocation), not {}",
+                    self.max_requests
+                ),
+            );
+        }
+        if !(1..=MAX_RESPONSE_BYTES).contains(&self.max_response_bytes) {
+            return invalid(
+                "max_response_bytes",
+                format!(
+                    "must be 1 byte to {}MiB, not {}",
+                    MAX_RESPONSE_BYTES >> 20,
+                    self.max_response_bytes
+                ),
             );
         }
         Ok(())
@@ -491,6 +540,11 @@ erp_prefix = "SO-"
         );
         assert!(!m.sandbox.clock && m.sandbox.env.is_empty());
         assert_eq!(m.concurrency, 64);
+        assert!(
+            m.allowed_hosts.is_empty(),
+            "no outgoing HTTP unless granted"
+        );
+        assert_eq!((m.max_response_bytes, m.max_requests), (4 << 20, 32));
     }
 
     #[test]
@@ -566,6 +620,22 @@ erp_prefix = "SO-"
             (
                 "name = \"x\"\nsubject = \"crm.>\"\nbogus = 1",
                 "unknown field `bogus`",
+            ),
+            (
+                "name = \"x\"\nsubject = \"crm.>\"\nallowed_hosts = [\"https://erp.example.com\", \"erp.example.com\"]",
+                "allowed_hosts: entry 2 \"erp.example.com\": needs a scheme: write \"https://erp.example.com\"",
+            ),
+            (
+                "name = \"x\"\nsubject = \"crm.>\"\nallowed_hosts = [\"https://*\"]",
+                "allowed_hosts: entry 1 \"https://*\": a bare * would allow every host",
+            ),
+            (
+                "name = \"x\"\nsubject = \"crm.>\"\nmax_requests = 0",
+                "max_requests: must be 1 to 1024 (HTTP requests per invocation), not 0",
+            ),
+            (
+                "name = \"x\"\nsubject = \"crm.>\"\nmax_response_bytes = \"1GiB\"",
+                "max_response_bytes: must be 1 byte to 256MiB, not 1073741824",
             ),
         ];
         for (text, expected) in cases {

@@ -185,7 +185,8 @@ async fn deploy_stores_the_component_and_the_manifest_and_audits_it() {
     assert_eq!(current.manifest.digest.as_deref(), Some(digest.as_str()));
     assert_eq!(current.manifest.component, None);
     assert_eq!(current.manifest.subject, "crm.order.>");
-    assert_eq!(current.manifest.config["erp_prefix"], "SO-");
+    assert_eq!(current.manifest.config["erp_url"], "http://127.0.0.1:8090");
+    assert_eq!(current.manifest.allowed_hosts, ["http://127.0.0.1:8090"]);
     assert!(humantime::parse_rfc3339(&current.deployed_at).is_ok());
     // The object is stored under its sha256 and comes back intact.
     assert_eq!(
@@ -251,7 +252,9 @@ async fn deploy_stores_the_component_and_the_manifest_and_audits_it() {
         "--max-deliver",
         "3",
         "--set",
-        "erp_prefix=SO-",
+        "erp_url=https://erp.example.com",
+        "--allow-host",
+        "https://erp.example.com",
         "--on-dead-letter",
         "park",
     ]);
@@ -278,6 +281,7 @@ async fn deploy_stores_the_component_and_the_manifest_and_audits_it() {
         current.manifest.on_dead_letter,
         hookmesh::manifest::OnDeadLetter::Park
     );
+    assert_eq!(current.manifest.allowed_hosts, ["https://erp.example.com"]);
     let last = bed.audit().await.pop().expect("a record").1;
     assert_eq!(last.version.as_deref(), Some(label2.as_str()));
     assert_eq!(last.previous_version.as_deref(), Some(label.as_str()));

@@ -69,12 +69,18 @@ fn approved_return(id: &str, order: &str) -> Vec<u8> {
     .expect("json")
 }
 
-fn example(name: &str) -> Manifest {
+/// A shipped example manifest, calling the ERP at `erp_url` (the test's
+/// mock ERP) instead of the development address, with quick retries;
+/// everything else as shipped.
+pub(crate) fn example(name: &str, erp_url: &str) -> Manifest {
     let mut manifest = Manifest::load(&workspace().join(format!("handlers/{name}/handler.toml")))
         .expect("example manifest");
-    // Quick retries for the test; everything else as shipped.
     manifest.backoff.initial = Duration::from_millis(200);
     manifest.backoff.max = Duration::from_millis(400);
+    manifest.allowed_hosts = vec![erp_url.to_string()];
+    manifest
+        .config
+        .insert("erp_url".into(), erp_url.to_string());
     manifest
 }
 
@@ -89,9 +95,15 @@ pub(crate) async fn host_with(nats: &NatsServer, handlers: Vec<Manifest>) -> Tes
 #[tokio::test]
 async fn crm_order_flow_syncs_orders_ignores_stale_updates_and_credits_returns_once_synced() {
     let nats = NatsServer::start().expect("nats");
+    let erp = hookmesh_mock_erp::MockErp::start("127.0.0.1:0")
+        .await
+        .expect("mock ERP");
     let host = host_with(
         &nats,
-        vec![example("order-sync"), example("return-credit-note")],
+        vec![
+            example("order-sync", &erp.url()),
+            example("return-credit-note", &erp.url()),
+        ],
     )
     .await;
     let js = jetstream(&nats).await;
@@ -191,10 +203,10 @@ async fn crm_order_flow_syncs_orders_ignores_stale_updates_and_credits_returns_o
     let (subject, payload) = &upserts[1];
     assert!(
         subject.starts_with("hook.order-sync.erp.")
-            && subject.ends_with(".SO-ORD-1.erp.sales_order.upserted"),
+            && subject.ends_with(".SO-000001.erp.sales_order.upserted"),
         "{subject}"
     );
-    assert_eq!(payload["erp_order_id"], "SO-ORD-1");
+    assert_eq!(payload["erp_order_id"], "SO-000001");
     assert_eq!(payload["version"], 2);
     let stored: Value = serde_json::from_str(
         &state(&js, "order-sync", "order/ORD-1")
@@ -206,17 +218,37 @@ async fn crm_order_flow_syncs_orders_ignores_stale_updates_and_credits_returns_o
 
     let credits = messages(&js, "hook.return-credit-note.").await;
     assert!(
-        credits.iter().all(|(_, p)| p["erp_order_id"] == "SO-ORD-1"),
+        credits
+            .iter()
+            .all(|(_, p)| p["erp_order_id"] == "SO-000001"),
         "{credits:?}"
+    );
+    // The ERP holds one sales order at version 2 (the stale update never
+    // reached it) and the two credit notes.
+    let orders = erp.erp().sales_orders();
+    assert_eq!(
+        orders
+            .iter()
+            .map(|o| (o.id.as_str(), o.crm_order_id.as_str(), o.version))
+            .collect::<Vec<_>>(),
+        [("SO-000001", "ORD-1", 2)]
+    );
+    assert_eq!(
+        erp.erp()
+            .credit_notes()
+            .iter()
+            .map(|n| (n.sales_order_id.as_str(), n.return_id.as_deref()))
+            .collect::<Vec<_>>(),
+        [("SO-000001", Some("RET-1")), ("SO-000001", Some("RET-2"))]
     );
     let mappings = js.get_key_value("hook_mappings").await.expect("bucket");
     assert_eq!(
         mappings.get("crm.ORD-1.erp").await.expect("get").as_deref(),
-        Some(&b"SO-ORD-1"[..])
+        Some(&b"SO-000001"[..])
     );
     assert_eq!(
         mappings
-            .get("erp.SO-ORD-1.crm")
+            .get("erp.SO-000001.crm")
             .await
             .expect("get")
             .as_deref(),
@@ -228,7 +260,10 @@ async fn crm_order_flow_syncs_orders_ignores_stale_updates_and_credits_returns_o
 #[tokio::test]
 async fn bad_orders_are_permanent_or_need_a_human_and_are_not_retried() {
     let nats = NatsServer::start().expect("nats");
-    let host = host_with(&nats, vec![example("order-sync")]).await;
+    let erp = hookmesh_mock_erp::MockErp::start("127.0.0.1:0")
+        .await
+        .expect("mock ERP");
+    let host = host_with(&nats, vec![example("order-sync", &erp.url())]).await;
     let js = jetstream(&nats).await;
     let no_total = serde_json::to_vec(
         &json!({"type":"order.created","data":{"id":"ORD-7","version":1,"customer":{"id":"C"}}}),

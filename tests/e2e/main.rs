@@ -7,12 +7,14 @@ mod support;
 
 mod deploy;
 mod dlq;
+mod erp;
 mod handlers;
 mod ingest;
 mod live_deploy;
 mod observe;
 mod ordering;
 mod outage;
+mod outbound;
 mod ownership;
 mod processes;
 mod runtime;

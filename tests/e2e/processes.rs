@@ -1,4 +1,5 @@
-//! The `hookmesh` binary itself: `up` with no config at all, `send`,
+//! The `hookmesh` binary itself: `up` with no config at all (with the
+//! mock ERP the example handler writes to), `send`,
 //! `serve` surviving a SIGKILL at any instant without losing or doubling an
 //! event, and clear errors for bad input.
 
@@ -51,18 +52,22 @@ fn word_after<'a>(line: &'a str, marker: &str) -> &'a str {
 }
 
 #[tokio::test]
-async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
+async fn up_with_no_config_starts_nats_and_the_mock_erp_and_a_webhook_becomes_an_erp_sales_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Port 0: the local nats-server picks its own port and `up` says which.
+    // Port 0: the local nats-server and the mock ERP pick their own ports,
+    // and `up` says which.
     let env = vec![
         ("HOOKMESH_NATS_URL", "nats://127.0.0.1:0".to_string()),
         ("HOOKMESH_HTTP_LISTEN", "127.0.0.1:0".to_string()),
         ("HOOKMESH_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("HOOKMESH_MOCK_ERP", "127.0.0.1:0".to_string()),
         (
             "NATS_SERVER_BIN",
             hookmesh_test_support::server_binary().display().to_string(),
         ),
     ];
+    let handlers = dir.path().join("handlers");
+    std::fs::create_dir_all(&handlers).expect("handlers dir");
     let mut up = HostProcess::spawn(dir.path(), &["up"], &env);
     let mut lines = Lines::of(&mut up);
     let warning = lines.wait_for("built-in development config");
@@ -75,14 +80,27 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
         std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_ok(),
         "the local nats-server listens on the port it named"
     );
+    let erp_url = word_after(&lines.wait_for("started the mock ERP"), "url=").to_string();
     let banner = lines.wait_for("hookmesh is up");
     let address = word_after(&banner, "POST http://")
         .trim_end_matches("/webhooks/<provider>")
         .to_string();
     lines.wait_for("stream ready");
 
-    let body = dir.path().join("order.json");
-    std::fs::write(&body, crm_order("order.created", "ORD-UP", 1)).expect("write body");
+    // The shipped order-sync, pointed at this mock ERP: `up` deploys it
+    // once its manifest appears.
+    let shipped = std::fs::read_to_string(workspace().join("handlers/order-sync/handler.toml"))
+        .expect("shipped manifest");
+    let component = guest("order_sync").display().to_string();
+    let manifest = shipped.replace("http://127.0.0.1:8090", &erp_url).replace(
+        "\"../target/wasm32-wasip2/release/order_sync.wasm\"",
+        &format!("{component:?}"),
+    );
+    std::fs::create_dir_all(handlers.join("order-sync")).expect("dir");
+    std::fs::write(handlers.join("order-sync/handler.toml"), manifest).expect("manifest");
+    lines.wait_for("deployed from");
+
+    let body = workspace().join("examples/webhooks/crm-order-created.json");
     let url = format!("http://{address}/webhooks/crm");
     let send = std::process::Command::new(hookmesh_bin())
         .args(["send", "--provider", "crm", "--file"])
@@ -101,14 +119,35 @@ async fn up_with_no_config_starts_nats_and_send_works_then_ctrl_c_stops_both() {
     assert!(stdout.starts_with("202 "), "{stdout}");
     assert!(stdout.contains("\"subject\":\"hook.crm.order."), "{stdout}");
 
+    // The webhook became a sales order in the ERP.
+    let orders = format!("{erp_url}/sales-orders");
+    let sales_orders = || async {
+        match reqwest::get(&orders).await {
+            Ok(answer) => answer.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
+    };
+    wait_for(Duration::from_secs(30), "an ERP sales order", || async {
+        sales_orders()
+            .await
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let found = sales_orders().await;
+    assert_eq!(found[0]["crm_order_id"], "ORD-1001", "{found}");
+    assert_eq!(found[0]["payment_terms"], "NET30", "{found}");
+
     up.signal(libc::SIGINT);
     let status = wait_exit(&mut up, Duration::from_secs(20));
     assert!(status.success(), "up exits 0 on Ctrl-C: {status:?}");
     lines.wait_for("local nats-server stopped");
+    lines.wait_for("mock ERP stopped");
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err(),
         "the local nats-server is gone"
     );
+    assert!(reqwest::get(&orders).await.is_err(), "the mock ERP is gone");
     assert!(
         dir.path().join(".hookmesh/nats/jetstream").exists(),
         "store under the working directory"

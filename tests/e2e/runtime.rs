@@ -52,7 +52,15 @@ async fn verdicts_follow_the_guest_and_traps_stay_contained() {
     let looper = prepare(&runtime, "looper", "fixture_loop")
         .await
         .expect("loop");
-    let order_sync = prepare(&runtime, "order-sync", "order_sync")
+    let erp = hookmesh_mock_erp::MockErp::start("127.0.0.1:0")
+        .await
+        .expect("mock ERP");
+    let mut order_sync = manifest("order-sync", "order_sync", "crm.order.>");
+    order_sync.allowed_hosts = vec![erp.url()];
+    order_sync.config.insert("erp_url".into(), erp.url());
+    let bytes = std::fs::read(guest("order_sync")).expect("component");
+    let order_sync = runtime
+        .prepare(order_sync, &bytes)
         .await
         .expect("order-sync");
 
@@ -93,6 +101,15 @@ async fn verdicts_follow_the_guest_and_traps_stay_contained() {
     assert_eq!(synced.emits.len(), 1);
     assert_eq!(synced.emits[0].event_type, "erp.sales_order.upserted");
     assert!(memory.state_value("order-sync", "order/ORD-1").is_some());
+    assert_eq!(
+        erp.erp()
+            .sales_orders()
+            .iter()
+            .map(|o| (o.id.as_str(), o.crm_order_id.as_str()))
+            .collect::<Vec<_>>(),
+        [("SO-000001", "ORD-1")],
+        "the ERP got the order"
+    );
 }
 
 #[tokio::test]

@@ -691,3 +691,51 @@ pub fn partition_of(subject: &str) -> u32 {
         .and_then(|p| p.parse().ok())
         .expect("a partitioned event subject")
 }
+
+/// The host's log lines, captured in memory for tests that check what it
+/// logged (installed once per process as the global subscriber, at debug
+/// for hookmesh).
+pub struct Logs(std::sync::Mutex<Vec<u8>>);
+
+impl Logs {
+    /// The capture, installed on first use.
+    pub fn capture() -> &'static Logs {
+        static LOGS: std::sync::OnceLock<&'static Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs: &'static Logs = Box::leak(Box::new(Logs(std::sync::Mutex::default())));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("hookmesh=debug"))
+                .with_ansi(false)
+                .with_writer(move || LogWriter(logs))
+                .try_init();
+            logs
+        })
+    }
+
+    /// Every captured line containing all of `needles`.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+struct LogWriter(&'static Logs);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

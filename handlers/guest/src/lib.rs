@@ -8,11 +8,15 @@
 //! - Re-exports: [`Guest`] (implement it), [`export!`] (register the
 //!   implementation), [`Event`], [`HandlerError`] and the host interfaces
 //!   [`log`], [`state`], [`mapping`], [`outbox`], [`config`].
-//! - Helpers: error constructors ([`transient`], [`permanent`],
-//!   [`needs_human`]), logging ([`log_info`] …), configuration
-//!   ([`config_or`]), JSON payloads ([`payload_json`], [`str_at`],
-//!   [`require_str`], [`emit_json`]) and `?`-friendly conversions from
-//!   [`StateError`] and [`MappingError`] into [`HandlerError`].
+//! - [`http`]: outgoing HTTP to the hosts the manifest allows, and
+//!   [`http::classify`] (2xx ok, 408/425/429/5xx transient with the
+//!   `Retry-After`, other statuses permanent).
+//! - Helpers: error constructors ([`transient`], [`transient_after`],
+//!   [`permanent`], [`needs_human`]), logging ([`log_info`] …),
+//!   configuration ([`config_or`], [`require_config`]), JSON payloads ([`payload_json`],
+//!   [`str_at`], [`require_str`], [`emit_json`]) and `?`-friendly
+//!   conversions from [`StateError`], [`MappingError`], [`OutboxError`] and
+//!   [`http::HttpError`] into [`HandlerError`].
 //!
 //! # A handler
 //!
@@ -48,19 +52,37 @@ pub mod bindings {
     });
 }
 
+pub mod http;
+
+use std::time::Duration;
+
 pub use bindings::export;
+pub use bindings::hookmesh::handler::types::TransientError;
 pub use bindings::hookmesh::handler::{config, log, mapping, outbox, state};
 pub use bindings::{Event, Guest, HandlerError};
 pub use log::Level;
 pub use mapping::MappingError;
+pub use outbox::OutboxError;
 pub use state::{Entry, StateError};
 
 /// Re-exported so handlers need not depend on `serde_json` themselves.
 pub use serde_json;
 
-/// A failure worth retrying.
+/// A failure worth retrying, after the manifest's backoff.
 pub fn transient(reason: impl Into<String>) -> HandlerError {
-    HandlerError::Transient(reason.into())
+    HandlerError::Transient(TransientError {
+        reason: reason.into(),
+        retry_after_ms: None,
+    })
+}
+
+/// A failure worth retrying after `delay` (an HTTP `Retry-After`); the host
+/// keeps the delay within the manifest's backoff `initial` … `max`.
+pub fn transient_after(reason: impl Into<String>, delay: Duration) -> HandlerError {
+    HandlerError::Transient(TransientError {
+        reason: reason.into(),
+        retry_after_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+    })
 }
 
 /// A failure that retrying cannot fix: dead-lettered at once.
@@ -103,6 +125,12 @@ pub fn config_or(key: &str, default: &str) -> String {
     config::get(key).unwrap_or_else(|| default.to_owned())
 }
 
+/// The manifest's `[config]` value for `key`; unset is a `permanent`
+/// error naming it (deploy a manifest that sets it, then replay).
+pub fn require_config(key: &str) -> Result<String, HandlerError> {
+    config::get(key).ok_or_else(|| permanent(format!("the manifest's [config] has no {key}")))
+}
+
 /// The payload parsed as JSON; not JSON is a `permanent` error.
 pub fn payload_json(event: &Event) -> Result<serde_json::Value, HandlerError> {
     serde_json::from_slice(&event.payload)
@@ -132,18 +160,37 @@ pub fn dotted(pointer: &str) -> String {
 }
 
 /// Emits a follow-up event whose payload is `payload` serialised as JSON.
-pub fn emit_json(event_type: &str, entity_id: &str, payload: &serde_json::Value) {
-    outbox::emit(event_type, entity_id, payload.to_string().as_bytes());
+/// A refused emit (too large, too many, no type or entity) is `permanent`.
+pub fn emit_json(
+    event_type: &str,
+    entity_id: &str,
+    payload: &serde_json::Value,
+) -> Result<(), HandlerError> {
+    outbox::emit(event_type, entity_id, payload.to_string().as_bytes())?;
+    Ok(())
 }
 
-/// `stale-revision` and `unavailable` are worth a retry; an invalid key is a
-/// bug in the handler or its input, which a retry cannot fix.
+/// `stale-revision` and `unavailable` are worth a retry; an invalid key or a
+/// value too large is a bug in the handler or its input, which a retry
+/// cannot fix.
 impl From<StateError> for HandlerError {
     fn from(err: StateError) -> Self {
         match err {
             StateError::StaleRevision => transient("concurrent update"),
             StateError::Unavailable(reason) => transient(format!("state unavailable: {reason}")),
             StateError::InvalidKey(reason) => permanent(format!("invalid state key: {reason}")),
+            StateError::TooLarge(reason) => permanent(format!("state value too large: {reason}")),
+        }
+    }
+}
+
+/// Every refused emit is a bug a retry cannot fix.
+impl From<OutboxError> for HandlerError {
+    fn from(err: OutboxError) -> Self {
+        match err {
+            OutboxError::TooLarge(reason)
+            | OutboxError::TooMany(reason)
+            | OutboxError::Invalid(reason) => permanent(format!("emit refused: {reason}")),
         }
     }
 }

@@ -1,19 +1,28 @@
 //! order-sync: keeps an ERP sales order in step with each CRM order.
 //!
 //! For every `crm.order.>` event it validates the order, ignores it when a
-//! newer version is already stored, links the CRM order id to an ERP id
-//! (`<erp_prefix><order id>`, create-only), stores the order under
-//! `order/<order id>` with the revision it read, and emits
+//! newer version is already stored, sends it to the ERP —
+//! `POST {erp_url}/sales-orders` with `crm_order_id`, `customer_id`,
+//! `payment_terms`, `total`, `currency` and `version`, which creates the
+//! sales order or updates it — links the CRM order id to the id the ERP
+//! answers (`{"id": "SO-…"}`, create-only, in `hook_mappings`), stores the
+//! order under `order/<order id>` with the revision it read, and emits
 //! `erp.sales_order.upserted` about the ERP id.
 //!
-//! Safe to run twice for one event: the same version goes through again,
-//! the link is a no-op, the write replaces the revision just read, and the
+//! The ERP's answer decides the outcome (`http::classify`): 5xx, 408, 429
+//! and timeouts retry (after the ERP's `Retry-After` when it sends one),
+//! other 4xx are dead letters at once with the ERP's status and message.
+//!
+//! Safe to run twice for one event: the host sends the same
+//! `Idempotency-Key` on every run of the event, so the ERP answers a
+//! repeat with its first answer; the same version goes through again, the
+//! link is a no-op, the write replaces the revision just read, and the
 //! host deduplicates the re-emit.
 
 use hookmesh_guest::serde_json::{self, Value, json};
 use hookmesh_guest::{
-    Event, Guest, HandlerError, config_or, emit_json, export, log_info, log_warn, mapping,
-    needs_human, payload_json, permanent, require_str, state, str_at,
+    Event, Guest, HandlerError, emit_json, export, http, log_info, log_warn, mapping, needs_human,
+    payload_json, permanent, require_config, require_str, state, str_at,
 };
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +70,25 @@ impl Guest for OrderSync {
             }
         }
 
-        let erp_id = erp_id(order_id)?;
+        let erp_url = require_config("erp_url")?;
+        let erp_url = erp_url.trim_end_matches('/');
+        let answer = http::post_json(
+            &format!("{erp_url}/sales-orders"),
+            &json!({
+                "crm_order_id": order_id,
+                "customer_id": customer_id,
+                "payment_terms": payment_terms,
+                "total": total,
+                "currency": currency,
+                "version": version,
+            }),
+        )?;
+        let answer = http::classify(answer)?;
+        let erp_id = require_str(&answer.json()?, "/id")
+            .map_err(|_| permanent(format!("the ERP's answer has no id: {}", answer.text())))?;
+        // Create-only: the ERP answering another id for this order is a
+        // conflict a person must look at (permanent).
+        mapping::link("crm", order_id, "erp", &erp_id)?;
 
         let record = StoredOrder {
             version,
@@ -88,7 +115,7 @@ impl Guest for OrderSync {
                 "currency": record.currency,
                 "correlation_id": event.correlation_id,
             }),
-        );
+        )?;
         log_info(&format!(
             "order {order_id} version {version} synced to ERP sales order {}",
             record.erp_id
@@ -115,17 +142,6 @@ fn version(event: &Event, payload: &Value) -> Result<u64, HandlerError> {
     from_payload.ok_or_else(|| {
         permanent("missing data.version (and the event's entity version is not a number)")
     })
-}
-
-/// The ERP id linked to this CRM order, linking `<erp_prefix><order id>` the
-/// first time. A link to another id is a `permanent` conflict.
-fn erp_id(order_id: &str) -> Result<String, HandlerError> {
-    if let Some(existing) = mapping::lookup("crm", order_id, "erp")? {
-        return Ok(existing);
-    }
-    let erp_id = format!("{}{order_id}", config_or("erp_prefix", "SO-"));
-    mapping::link("crm", order_id, "erp", &erp_id)?;
-    Ok(erp_id)
 }
 
 export!(OrderSync);

@@ -56,6 +56,17 @@ pub struct DeployArgs {
     /// A handler setting (its `[config]` table), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub settings: Vec<String>,
+    /// A host the handler may send HTTP requests to, e.g.
+    /// `https://erp.example.com` (repeatable; replaces the manifest's
+    /// `allowed_hosts`).
+    #[arg(long = "allow-host", value_name = "URL")]
+    pub allowed_hosts: Vec<String>,
+    /// HTTP requests per invocation, at most.
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u32>,
+    /// The largest HTTP response body, e.g. `4MiB`.
+    #[arg(long, value_name = "SIZE")]
+    pub max_response_bytes: Option<String>,
     /// Who deploys, for the audit trail [default: `[operator] actor`, else
     /// $USER@<hostname>].
     #[arg(long)]
@@ -109,6 +120,13 @@ pub async fn deploy(config: &Config, args: DeployArgs) -> anyhow::Result<()> {
     super::check_starts(&runtime, &validated, &manifest)
         .await
         .with_context(|| format!("{} refused", args.file.display()))?;
+    if validated.imports_http() && manifest.allowed_hosts.is_empty() {
+        println!(
+            "note: {} imports wasi:http/outgoing-handler, but the manifest lists no allowed_hosts: \
+             every HTTP request it makes will be denied (add allowed_hosts = [\"https://…\"], or --allow-host)",
+            args.file.display()
+        );
+    }
     let actor = audit::actor(args.actor.as_deref(), config);
     let store = open(config).await?;
     match store.deploy(manifest, &validated, &actor).await? {
@@ -118,11 +136,12 @@ pub async fn deploy(config: &Config, args: DeployArgs) -> anyhow::Result<()> {
             uploaded,
         } => {
             println!(
-                "deployed {} version {} (sha256 {}, {} bytes, {}){}",
+                "deployed {} version {} (sha256 {}, {} bytes, hookmesh:handler@{}, {}){}",
                 deployment.name(),
                 deployment.version,
                 deployment.digest,
                 deployment.size,
+                validated.world(),
                 if uploaded {
                     "uploaded"
                 } else {
@@ -408,11 +427,18 @@ fn manifest_from(args: &DeployArgs) -> anyhow::Result<Manifest> {
     if let Some(v) = args.max_deliver {
         set("max_deliver", v.into());
     }
+    if let Some(v) = args.max_requests {
+        set("max_requests", i64::from(v).into());
+    }
+    if !args.allowed_hosts.is_empty() {
+        set("allowed_hosts", args.allowed_hosts.clone().into());
+    }
     for (key, value) in [
         ("ack_wait", &args.ack_wait),
         ("timeout", &args.timeout),
         ("memory", &args.memory),
         ("on_dead_letter", &args.on_dead_letter),
+        ("max_response_bytes", &args.max_response_bytes),
     ] {
         if let Some(v) = value {
             set(key, v.clone().into());

@@ -1,5 +1,6 @@
 //! Checking, before anything is uploaded, that a file is a component
-//! implementing the world `hookmesh:handler/handler` (see `wit/handler.wit`)
+//! implementing the world `hookmesh:handler/handler` — version 0.2.0
+//! (`wit/handler.wit`) or the frozen 0.1.0 (`wit/0.1.0/handler.wit`) —
 //! and importing nothing hookmesh does not provide.
 //!
 //! Two steps over one compilation, so every refusal names its cause:
@@ -18,13 +19,18 @@ use super::DeployError;
 use crate::manifest::Manifest;
 use crate::runtime::{Compiled, Runtime, RuntimeError};
 
-/// The interfaces of `hookmesh:handler` a handler may import.
+/// The interfaces of `hookmesh:handler` a handler may import (the same in
+/// every version).
 const HOOKMESH_INTERFACES: &[&str] = &["types", "log", "state", "mapping", "outbox", "config"];
-/// The version of the `hookmesh:handler` package the host implements.
-const HOOKMESH_VERSION: &str = "0.1.0";
+/// The versions of the `hookmesh:handler` package the host implements,
+/// newest first.
+const HOOKMESH_VERSIONS: &[&str] = &["0.2.0", "0.1.0"];
 /// The WASI 0.2 packages the host links (what is visible inside them is
 /// decided by the manifest's sandbox).
 const WASI_PACKAGES: &[&str] = &["cli", "clocks", "filesystem", "io", "random", "sockets"];
+/// The interfaces of `wasi:http` the host links: a handler makes requests
+/// (to the hosts its manifest allows), it does not serve them.
+const WASI_HTTP_INTERFACES: &[&str] = &["outgoing-handler", "types"];
 
 /// The fields of `record event`, in order, with their WIT types.
 const EVENT_FIELDS: &[(&str, &str)] = &[
@@ -42,8 +48,18 @@ const EVENT_FIELDS: &[(&str, &str)] = &[
     ("headers", "list<tuple<string, string>>"),
     ("payload", "list<u8>"),
 ];
-/// The cases of `variant handler-error`, in order, with their payloads.
+/// The cases of `variant handler-error` in 0.2.0, in order, with their
+/// payloads.
 const ERROR_CASES: &[(&str, &str)] = &[
+    (
+        "transient",
+        "record { reason: string, retry-after-ms: option<u64> }",
+    ),
+    ("permanent", "string"),
+    ("needs-human", "string"),
+];
+/// The cases of `variant handler-error` in 0.1.0.
+const ERROR_CASES_V0_1: &[(&str, &str)] = &[
     ("transient", "string"),
     ("permanent", "string"),
     ("needs-human", "string"),
@@ -56,6 +72,7 @@ pub struct Validated {
     bytes: Vec<u8>,
     compiled: Compiled,
     imports: Vec<String>,
+    world: &'static str,
 }
 
 impl std::fmt::Debug for Validated {
@@ -64,6 +81,7 @@ impl std::fmt::Debug for Validated {
             .field("digest", &self.compiled.digest)
             .field("size", &self.bytes.len())
             .field("imports", &self.imports)
+            .field("world", &self.world)
             .finish()
     }
 }
@@ -87,6 +105,20 @@ impl Validated {
     /// The interfaces it imports, as named in the component.
     pub fn imports(&self) -> &[String] {
         &self.imports
+    }
+
+    /// The version of `hookmesh:handler` it targets (`"0.2.0"`, `"0.1.0"`).
+    pub fn world(&self) -> &'static str {
+        self.world
+    }
+
+    /// Whether it imports `wasi:http/outgoing-handler`: it makes HTTP
+    /// requests, which only the hosts its manifest's `allowed_hosts` lists
+    /// let through.
+    pub fn imports_http(&self) -> bool {
+        self.imports
+            .iter()
+            .any(|name| name.starts_with("wasi:http/outgoing-handler@"))
     }
 }
 
@@ -114,6 +146,8 @@ pub fn validate(runtime: &Runtime, bytes: &[u8]) -> Result<Validated, DeployErro
     let ty = compiled.component.component_type();
 
     let mut problems = Vec::new();
+    let names: Vec<&str> = ty.imports(engine).map(|(name, _)| name).collect();
+    let world = world_of(&names, &mut problems);
     let handle = ty.exports(engine).find(|(name, _)| *name == "handle");
     match handle {
         None => {
@@ -124,7 +158,7 @@ pub fn validate(runtime: &Runtime, bytes: &[u8]) -> Result<Validated, DeployErro
             ));
         }
         Some((_, export)) => match export.ty {
-            ComponentItem::ComponentFunc(func) => check_handle(&func, &mut problems),
+            ComponentItem::ComponentFunc(func) => check_handle(&func, world, &mut problems),
             other => problems.push(format!(
                 "its export `handle` is {}, not a function",
                 item_kind(&other)
@@ -151,7 +185,33 @@ pub fn validate(runtime: &Runtime, bytes: &[u8]) -> Result<Validated, DeployErro
         bytes: bytes.to_vec(),
         compiled,
         imports,
+        world,
     })
+}
+
+/// The version of `hookmesh:handler` a component targets, from the
+/// versions of the `hookmesh:handler` interfaces it imports (the newest
+/// when it imports none); a component mixing versions is a problem.
+fn world_of(imports: &[&str], problems: &mut Vec<String>) -> &'static str {
+    let mut seen: Vec<&'static str> = Vec::new();
+    for name in imports {
+        let Some(rest) = name.strip_prefix("hookmesh:handler/") else {
+            continue;
+        };
+        let version = rest.split_once('@').map_or("", |(_, v)| v);
+        if let Some(known) = HOOKMESH_VERSIONS.iter().find(|v| **v == version)
+            && !seen.contains(known)
+        {
+            seen.push(known);
+        }
+    }
+    if seen.len() > 1 {
+        problems.push(format!(
+            "it imports interfaces of hookmesh:handler@{}: a component targets one version",
+            seen.join(" and @")
+        ));
+    }
+    seen.first().copied().unwrap_or(HOOKMESH_VERSIONS[0])
 }
 
 /// Links the component [`validate`] compiled with `runtime` and
@@ -229,9 +289,25 @@ fn import_allowed(name: &str) -> Result<(), String> {
                     "but hookmesh:handler has no interface `{interface}` (it has {})",
                     HOOKMESH_INTERFACES.join(", ")
                 ))
-            } else if version != HOOKMESH_VERSION {
+            } else if !HOOKMESH_VERSIONS.contains(&version) {
                 Err(format!(
-                    "but this host implements hookmesh:handler@{HOOKMESH_VERSION}, not @{version}"
+                    "but this host implements hookmesh:handler@{}, not @{version}",
+                    HOOKMESH_VERSIONS.join(" and @")
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        "wasi:http" => {
+            if !WASI_HTTP_INTERFACES.contains(&interface) {
+                Err(
+                    "but hookmesh provides only wasi:http/outgoing-handler and wasi:http/types \
+                     (a handler makes requests; it does not serve them)"
+                        .to_string(),
+                )
+            } else if !version.starts_with("0.2.") {
+                Err(format!(
+                    "but the host provides wasi:http@0.2.x, not @{version}"
                 ))
             } else {
                 Ok(())
@@ -248,7 +324,7 @@ fn import_allowed(name: &str) -> Result<(), String> {
                 }
             }
             _ => Err(format!(
-                "which hookmesh does not provide (handlers may import hookmesh:handler/* and WASI 0.2: {})",
+                "which hookmesh does not provide (handlers may import hookmesh:handler/* and WASI 0.2: {}, wasi:http/outgoing-handler)",
                 WASI_PACKAGES
                     .iter()
                     .map(|p| format!("wasi:{p}"))
@@ -259,8 +335,14 @@ fn import_allowed(name: &str) -> Result<(), String> {
     }
 }
 
-/// Checks `handle: func(event: event) -> result<_, handler-error>`.
-fn check_handle(func: &ComponentFunc, problems: &mut Vec<String>) {
+/// Checks `handle: func(event: event) -> result<_, handler-error>` with
+/// the shapes of `world`.
+fn check_handle(func: &ComponentFunc, world: &str, problems: &mut Vec<String>) {
+    let error_cases = if world == "0.1.0" {
+        ERROR_CASES_V0_1
+    } else {
+        ERROR_CASES
+    };
     let params: Vec<(&str, Type)> = func.params().collect();
     match params.as_slice() {
         [(_, Type::Record(record))] => {
@@ -296,7 +378,7 @@ fn check_handle(func: &ComponentFunc, problems: &mut Vec<String>) {
                         "`handle`'s handler-error",
                         "case",
                         &cases,
-                        ERROR_CASES,
+                        error_cases,
                         problems,
                     );
                 }
@@ -345,7 +427,7 @@ fn compare(
         .ne(expected.iter().map(|(n, _)| *n));
     if problems.len() == before && order_differs {
         problems.push(format!(
-            "{what} {member}s are not in the order of wit/handler.wit"
+            "{what} {member}s are not in the order of the WIT (wit/handler.wit)"
         ));
     }
 }

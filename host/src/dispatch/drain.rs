@@ -26,7 +26,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::ownership::now_ms;
 use super::replay::dlq_reason;
 use super::settle::{Outcome, Policy, Settle};
-use super::{Dispatch, HandlerSlot, Reason, event, version_of};
+use super::{Dispatch, Failed, HandlerSlot, Reason, event, version_of};
 use crate::dlq::entry::{self, Original};
 use crate::dlq::writer;
 use crate::extract::kv_key;
@@ -287,7 +287,11 @@ impl Dispatch {
             let permit = slot.permit().await;
             let outcome = self.execute(prepared, input).instrument(span.clone()).await;
             drop(permit);
-            let (reason, error) = match outcome {
+            let Failed {
+                reason,
+                error,
+                retry_after,
+            } = match outcome {
                 Ok(emits) => {
                     info!(parent: &span, emits, "handled after what held its entity was over");
                     // Its delivery was acked when it was queued; should that
@@ -309,7 +313,7 @@ impl Dispatch {
             };
             let outcome = Outcome::Failed {
                 reason,
-                retry_after: None,
+                retry_after,
             };
             let (delay, held) = match policy.decide(attempt, &outcome) {
                 Settle::DeadLetter { park } => {

@@ -405,12 +405,8 @@ impl Dispatch {
     }
 
     /// Runs one event on `prepared` and, when it succeeds, publishes its
-    /// emits: `Ok(emits)` or the failure's class and message.
-    async fn execute(
-        &self,
-        prepared: &Arc<Prepared>,
-        input: EventInput,
-    ) -> Result<usize, (Reason, String)> {
+    /// emits: `Ok(emits)` or how it failed.
+    async fn execute(&self, prepared: &Arc<Prepared>, input: EventInput) -> Result<usize, Failed> {
         let manifest = &prepared.manifest;
         let source = event::Source::of(&input);
         let invoked = self
@@ -432,11 +428,17 @@ impl Dispatch {
             )
             .await
             .map(|()| invoked.emits.len())
-            .map_err(|error| (Reason::Transient, error.to_string())),
-            Verdict::Transient(error) => Err((Reason::Transient, error)),
-            Verdict::Trap(error) => Err((Reason::Trap, error)),
-            Verdict::Permanent(error) => Err((Reason::Permanent, error)),
-            Verdict::NeedsHuman(error) => Err((Reason::NeedsHuman, error)),
+            .map_err(|error| Failed::new(Reason::Transient, error.to_string())),
+            Verdict::Transient {
+                reason,
+                retry_after,
+            } => Err(Failed {
+                retry_after,
+                ..Failed::new(Reason::Transient, reason)
+            }),
+            Verdict::Trap(error) => Err(Failed::new(Reason::Trap, error)),
+            Verdict::Permanent(error) => Err(Failed::new(Reason::Permanent, error)),
+            Verdict::NeedsHuman(error) => Err(Failed::new(Reason::NeedsHuman, error)),
         }
     }
 
@@ -462,6 +464,27 @@ impl Dispatch {
         };
         if let Err(e) = attempts::record(&self.attempts, failure).await {
             warn!(error = %e, "attempt not recorded");
+        }
+    }
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone)]
+struct Failed {
+    /// Its class.
+    reason: Reason,
+    /// What went wrong.
+    error: String,
+    /// The delay the handler asked for (an HTTP `Retry-After`).
+    retry_after: Option<Duration>,
+}
+
+impl Failed {
+    fn new(reason: Reason, error: String) -> Failed {
+        Failed {
+            reason,
+            error,
+            retry_after: None,
         }
     }
 }
@@ -506,7 +529,7 @@ pub fn version_of(prepared: &Prepared) -> String {
 fn verdict_label(verdict: &Verdict) -> &'static str {
     match verdict {
         Verdict::Ok => "ok",
-        Verdict::Transient(_) => "transient",
+        Verdict::Transient { .. } => "transient",
         Verdict::Permanent(_) => "permanent",
         Verdict::NeedsHuman(_) => "needs-human",
         Verdict::Trap(_) => "trap",

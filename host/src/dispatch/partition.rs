@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::ownership::{Fence, now_ms};
 use super::scheduler::EntityQueues;
 use super::settle::{Outcome, Policy, Settle};
-use super::{Dispatch, HandlerSlot, Reason, event, version_of};
+use super::{Dispatch, Failed, HandlerSlot, Reason, event, version_of};
 use crate::manifest::{Manifest, OnDeadLetter};
 use crate::records::attempts;
 use crate::records::park;
@@ -554,10 +554,10 @@ async fn attempts_loop(
                     .instrument(span.clone())
                     .await
             }
-            Err(error) => Err((Reason::Permanent, error.to_string())),
+            Err(error) => Err(Failed::new(Reason::Permanent, error.to_string())),
         };
         drop(permit);
-        let (reason, error) = match outcome {
+        let failure = match outcome {
             Ok(emits) => {
                 if parks_first {
                     Box::pin(dispatch.lift_hold(&manifest.name, &message.subject, stream_seq))
@@ -578,11 +578,10 @@ async fn attempts_loop(
         };
         // Failures are the cold path: boxed, so their state does not
         // weigh on every event's future.
-        let failed = Failed {
+        let failed = FailedAttempt {
             stream_seq,
             attempt,
-            reason,
-            error,
+            failure,
         };
         match Box::pin(after_failure(
             shared, message, &manifest, &version, failed, &span,
@@ -596,11 +595,10 @@ async fn attempts_loop(
 }
 
 /// A failed attempt of an event.
-struct Failed {
+struct FailedAttempt {
     stream_seq: u64,
     attempt: u64,
-    reason: Reason,
-    error: String,
+    failure: Failed,
 }
 
 /// What a failed attempt leads to.
@@ -618,15 +616,18 @@ async fn after_failure(
     message: &jetstream::Message,
     manifest: &Manifest,
     version: &str,
-    failed: Failed,
+    failed: FailedAttempt,
     span: &tracing::Span,
 ) -> AfterFailure {
     let dispatch = &shared.dispatch;
-    let Failed {
+    let FailedAttempt {
         stream_seq,
         attempt,
-        reason,
-        error,
+        failure: Failed {
+            reason,
+            error,
+            retry_after,
+        },
     } = failed;
     let subject = message.subject.as_str();
     dispatch
@@ -642,7 +643,7 @@ async fn after_failure(
         .await;
     let outcome = Outcome::Failed {
         reason,
-        retry_after: None,
+        retry_after,
     };
     match policy(manifest).decide(attempt, &outcome) {
         // Not for a failure; acked like a success should it ever be

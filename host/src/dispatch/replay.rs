@@ -163,7 +163,7 @@ impl Dispatch {
                         Err(error) => warn!(%error, "the entity's parked events were not released"),
                     }
                 }
-                Err((reason, error)) => {
+                Err(super::Failed { reason, error, .. }) => {
                     warn!(%error, ?reason, "replay failed; the dead letter stays");
                     let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
                     let failure = Failure {

@@ -7,6 +7,7 @@ use futures::future::BoxFuture;
 
 use super::DispatchError;
 use crate::extract::kv_key;
+use crate::runtime::services::storable_bytes;
 use crate::runtime::{MappingFailure, Revisioned, Services, StateFailure};
 use crate::streams::{MAPPINGS_BUCKET, STATE_BUCKET};
 
@@ -15,6 +16,7 @@ use crate::streams::{MAPPINGS_BUCKET, STATE_BUCKET};
 pub struct NatsServices {
     state: kv::Store,
     mappings: kv::Store,
+    client: async_nats::Client,
 }
 
 impl NatsServices {
@@ -28,6 +30,7 @@ impl NatsServices {
         Ok(NatsServices {
             state: open(STATE_BUCKET).await?,
             mappings: open(MAPPINGS_BUCKET).await?,
+            client: js.client(),
         })
     }
 }
@@ -48,6 +51,11 @@ fn unavailable(e: impl std::fmt::Display) -> StateFailure {
 }
 
 impl Services for NatsServices {
+    /// From the `max_payload` of the server the host is connected to now.
+    fn max_value_bytes(&self) -> usize {
+        storable_bytes(self.client.max_payload())
+    }
+
     fn state_get<'a>(
         &'a self,
         handler: &'a str,

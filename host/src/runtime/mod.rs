@@ -2,15 +2,23 @@
 //! epoch interruption, pooling allocator), an [`InstancePre`] per handler
 //! version, and a fresh [`Store`] per event with a deadline and a memory cap.
 //!
-//! The runtime knows nothing of NATS or HTTP: what a guest can reach goes
-//! through [`Services`], and what it emits comes back in [`Invoked`].
-//! A trap, a timeout or running out of memory fails that one invocation
-//! ([`Verdict::Trap`]); the host and every other handler go on.
+//! The runtime knows nothing of NATS: what a guest can reach goes through
+//! [`Services`], and what it emits comes back in [`Invoked`]. Outgoing
+//! HTTP is a capability of the runtime itself, granted by the manifest
+//! ([`http`]). A trap, a timeout or running out of memory fails that one
+//! invocation ([`Verdict::Trap`]); the host and every other handler go on.
+//!
+//! Two versions of the world are linked side by side: components built
+//! against `hookmesh:handler@0.2.0` (`wit/handler.wit`) and against the
+//! frozen `@0.1.0` (`wit/0.1.0/`) both run; [`Prepared::world`] says which
+//! one a component targets.
 //!
 //! [`InstancePre`]: wasmtime::component::InstancePre
 
 mod bindings;
 mod cache;
+pub mod http;
+mod invocation;
 mod sandbox;
 pub mod services;
 
@@ -20,15 +28,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use tracing::warn;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
 };
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::WasiHttpCtx;
 
-use bindings::hookmesh::handler::{config, log, mapping, outbox, state, types};
-use bindings::{Handler, HandlerPre};
+use bindings::{v0_1, v0_2};
+use invocation::Invocation;
 pub use services::{MappingFailure, MemoryServices, Revisioned, Services, StateFailure};
 
 use crate::manifest::Manifest;
@@ -37,11 +45,10 @@ use crate::manifest::Manifest;
 /// deadline is kept to within one tick.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// The most events one invocation may emit, and the largest emit: a guest
-/// cannot make the host buffer without bound.
+/// The most events one invocation may emit (each at most
+/// [`Services::max_value_bytes`]): a guest cannot make the host buffer
+/// without bound.
 pub const MAX_EMITS: usize = 1_000;
-/// See [`MAX_EMITS`].
-pub const MAX_EMIT_BYTES: usize = 1 << 20;
 
 /// The most memory any one invocation may have (a manifest asking for more
 /// is refused): the pooling allocator reserves this per slot.
@@ -131,8 +138,13 @@ pub struct Emit {
 pub enum Verdict {
     /// `handle` returned ok.
     Ok,
-    /// `transient(reason)`: retry.
-    Transient(String),
+    /// `transient`: retry.
+    Transient {
+        /// What went wrong.
+        reason: String,
+        /// The delay the guest asked for (an HTTP `Retry-After`), if any.
+        retry_after: Option<Duration>,
+    },
     /// `permanent(reason)`: dead letter now.
     Permanent(String),
     /// `needs-human(reason)`: dead letter, flagged.
@@ -162,7 +174,33 @@ pub struct Prepared {
     pub version: String,
     /// Its manifest.
     pub manifest: Arc<Manifest>,
-    pre: HandlerPre<Invocation>,
+    /// What its manifest grants for outgoing HTTP.
+    grant: Arc<http::Grant>,
+    /// Whether it imports `wasi:http/outgoing-handler`.
+    imports_http: bool,
+    pre: Pre,
+}
+
+/// A component linked against one version of the world.
+enum Pre {
+    V0_1(v0_1::HandlerPre<Invocation>),
+    V0_2(v0_2::HandlerPre<Invocation>),
+}
+
+impl Prepared {
+    /// The version of `hookmesh:handler` the component was built against:
+    /// `"0.2.0"` or `"0.1.0"`.
+    pub fn world(&self) -> &'static str {
+        match self.pre {
+            Pre::V0_1(_) => "0.1.0",
+            Pre::V0_2(_) => "0.2.0",
+        }
+    }
+
+    /// Whether the component imports `wasi:http/outgoing-handler`.
+    pub fn imports_http(&self) -> bool {
+        self.imports_http
+    }
 }
 
 impl std::fmt::Debug for Prepared {
@@ -170,6 +208,7 @@ impl std::fmt::Debug for Prepared {
         f.debug_struct("Prepared")
             .field("handler", &self.manifest.name)
             .field("digest", &self.digest)
+            .field("world", &self.world())
             .finish()
     }
 }
@@ -218,32 +257,11 @@ fn check_memory(manifest: &Manifest) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The per-invocation store data.
-struct Invocation {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-    services: Arc<dyn Services>,
-    manifest: Arc<Manifest>,
-    emits: Vec<Emit>,
-    /// Set when the guest emitted past the limits; fails the invocation.
-    emit_overflow: bool,
-    correlation_id: String,
-}
-
-impl WasiView for Invocation {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
 /// The engine, linker and artifact cache, shared by every handler.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<Invocation>,
+    connector: Arc<http::Connector>,
     cache: Option<cache::ArtifactCache>,
     ticker: Arc<AtomicBool>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -265,8 +283,17 @@ impl Drop for Runtime {
 
 impl Runtime {
     /// Builds the engine; compiled artifacts are cached under `cache_dir`
-    /// when given.
+    /// when given. Outgoing HTTP resolves names with the system resolver.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Runtime, RuntimeError> {
+        Self::with_resolver(cache_dir, Arc::new(http::SystemResolver))
+    }
+
+    /// [`Runtime::new`], resolving the names of outgoing HTTP requests
+    /// with `resolver` (what a name resolves to is still filtered).
+    pub fn with_resolver(
+        cache_dir: Option<PathBuf>,
+        resolver: Arc<dyn http::Resolve>,
+    ) -> Result<Runtime, RuntimeError> {
         let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
         let mut pool = PoolingAllocationConfig::default();
         // Sized for the largest `concurrency` sum a host runs (the slots
@@ -294,7 +321,13 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
-        Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(engine_err)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(engine_err)?;
+        v0_2::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(engine_err)?;
+        v0_1::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(engine_err)?;
+        let connector = http::Connector::new(resolver)
+            .map_err(|e| RuntimeError::Engine(format!("TLS for outgoing HTTP: {e}")))?;
         let ticker = Arc::new(AtomicBool::new(false));
         let stop = ticker.clone();
         let weak = engine.weak();
@@ -314,6 +347,7 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            connector: Arc::new(connector),
             cache,
             ticker,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_INSTANCES as usize)),
@@ -385,28 +419,51 @@ impl Runtime {
             handler: handler.clone(),
             reason,
         };
+        let grant = http::Grant::of(&manifest)
+            .map_err(|e| invalid(format!("manifest: allowed_hosts: {e}")))?;
         let Compiled { component, digest } = compiled;
+        let imports_http = component
+            .component_type()
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("wasi:http/outgoing-handler@"));
         let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| invalid(format!("{e:#}")))?;
-        let pre = HandlerPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
+        // The export's shape tells the versions apart (0.2.0's `transient`
+        // carries a record, 0.1.0's a string).
+        let pre = match v0_2::HandlerPre::new(pre.clone()) {
+            Ok(pre) => Pre::V0_2(pre),
+            Err(newest) => match v0_1::HandlerPre::new(pre) {
+                Ok(pre) => Pre::V0_1(pre),
+                Err(_) => return Err(invalid(format!("{newest:#}"))),
+            },
+        };
+        if imports_http && grant.hosts.is_empty() {
+            warn!(
+                handler = %handler,
+                "the component imports wasi:http/outgoing-handler but the manifest lists no \
+                 allowed_hosts: every request it makes is denied"
+            );
+        }
         let prepared = Prepared {
             version: version.unwrap_or_else(|| digest.chars().take(12).collect()),
             digest,
             manifest: Arc::new(manifest),
+            grant: Arc::new(grant),
+            imports_http,
             pre,
         };
         let services: Arc<dyn Services> = Arc::new(MemoryServices::default());
-        let mut store = self.store(&prepared, services, String::new());
-        prepared
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| RuntimeError::Instantiation {
-                handler: handler.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let mut store = self.store(&prepared, services, http::Origin::default(), Instant::now());
+        let started = match &prepared.pre {
+            Pre::V0_2(pre) => pre.instantiate_async(&mut store).await.map(drop),
+            Pre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(drop),
+        };
+        started.map_err(|e| RuntimeError::Instantiation {
+            handler: handler.clone(),
+            reason: format!("{e:#}"),
+        })?;
         Ok(Arc::new(prepared))
     }
 
@@ -414,9 +471,18 @@ impl Runtime {
         &self,
         prepared: &Prepared,
         services: Arc<dyn Services>,
-        correlation_id: String,
+        origin: http::Origin,
+        started: Instant,
     ) -> Store<Invocation> {
         let manifest = prepared.manifest.clone();
+        let correlation_id = origin.correlation_id.clone();
+        let outbound = http::Outbound::new(
+            prepared.grant.clone(),
+            self.connector.clone(),
+            Arc::new(origin),
+            started,
+            manifest.timeout,
+        );
         let data = Invocation {
             wasi: sandbox::wasi_ctx(&manifest.sandbox),
             table: ResourceTable::new(),
@@ -426,10 +492,12 @@ impl Runtime {
                 .tables(16)
                 .memories(8)
                 .build(),
+            http: WasiHttpCtx::new(),
+            outbound,
             services,
             manifest,
             emits: Vec::new(),
-            emit_overflow: false,
+            refused_emit: None,
             correlation_id,
         };
         let mut store = Store::new(&self.engine, data);
@@ -452,25 +520,47 @@ impl Runtime {
         let timeout = prepared.manifest.timeout;
         // A pool slot; the semaphore is never closed.
         let _slot = self.slots.acquire().await.ok();
-        let mut store = self.store(prepared, services, event.correlation_id.clone());
-        let input = to_wit(event);
+        let origin = http::Origin {
+            handler: prepared.manifest.name.clone(),
+            version: prepared.version.clone(),
+            idempotency_key: event.idempotency_key.clone(),
+            correlation_id: event.correlation_id.clone(),
+            traceparent: event
+                .headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(crate::headers::TRACEPARENT))
+                .map(|(_, value)| value.clone()),
+        };
+        let mut store = self.store(prepared, services, origin, started);
         let run = async {
-            let handler = prepared.pre.instantiate_async(&mut store).await?;
-            handler.call_handle(&mut store, &input).await
+            let returned: Result<(), Verdict> = match &prepared.pre {
+                Pre::V0_2(pre) => {
+                    let handler = pre.instantiate_async(&mut store).await?;
+                    let event = v0_2::hookmesh::handler::types::Event::from(event);
+                    handler
+                        .call_handle(&mut store, &event)
+                        .await?
+                        .map_err(Verdict::from)
+                }
+                Pre::V0_1(pre) => {
+                    let handler = pre.instantiate_async(&mut store).await?;
+                    let event = v0_1::hookmesh::handler::types::Event::from(event);
+                    handler
+                        .call_handle(&mut store, &event)
+                        .await?
+                        .map_err(Verdict::from)
+                }
+            };
+            Ok::<_, wasmtime::Error>(returned)
         };
         let verdict = match tokio::time::timeout(timeout, run).await {
             Err(_) => Verdict::Trap(format!("timed out after {timeout:?}")),
             Ok(Err(trap)) => Verdict::Trap(describe_trap(&trap)),
-            Ok(Ok(Ok(()))) => Verdict::Ok,
-            Ok(Ok(Err(types::HandlerError::Transient(reason)))) => Verdict::Transient(reason),
-            Ok(Ok(Err(types::HandlerError::Permanent(reason)))) => Verdict::Permanent(reason),
-            Ok(Ok(Err(types::HandlerError::NeedsHuman(reason)))) => Verdict::NeedsHuman(reason),
-        };
-        let verdict = match verdict {
-            Verdict::Ok if store.data().emit_overflow => Verdict::Permanent(format!(
-                "emitted more than {MAX_EMITS} events or one larger than {MAX_EMIT_BYTES} bytes"
-            )),
-            other => other,
+            Ok(Ok(Ok(()))) => match store.data_mut().refused_emit.take() {
+                Some(refused) => Verdict::Permanent(format!("an emit was refused: {refused}")),
+                None => Verdict::Ok,
+            },
+            Ok(Ok(Err(failure))) => failure,
         };
         let emits = match verdict {
             Verdict::Ok => std::mem::take(&mut store.data_mut().emits),
@@ -496,182 +586,5 @@ fn describe_trap(error: &wasmtime::Error) -> String {
             .next()
             .unwrap_or("trap")
             .to_string(),
-    }
-}
-
-fn to_wit(event: EventInput) -> types::Event {
-    types::Event {
-        id: event.id,
-        idempotency_key: event.idempotency_key,
-        provider: event.provider,
-        event_type: event.event_type,
-        domain: event.domain,
-        entity_id: event.entity_id,
-        entity_version: event.entity_version,
-        correlation_id: event.correlation_id,
-        subject: event.subject,
-        received_at: event.received_at,
-        attempt: event.attempt,
-        headers: event.headers,
-        payload: event.payload,
-    }
-}
-
-impl types::Host for Invocation {}
-
-impl log::Host for Invocation {
-    async fn log(&mut self, level: log::Level, message: String) {
-        let handler = &self.manifest.name;
-        let correlation_id = &self.correlation_id;
-        match level {
-            log::Level::Trace => {
-                tracing::trace!(target: "hookmesh::guest", %handler, %correlation_id, "{message}")
-            }
-            log::Level::Debug => {
-                tracing::debug!(target: "hookmesh::guest", %handler, %correlation_id, "{message}")
-            }
-            log::Level::Info => {
-                tracing::info!(target: "hookmesh::guest", %handler, %correlation_id, "{message}")
-            }
-            log::Level::Warn => {
-                tracing::warn!(target: "hookmesh::guest", %handler, %correlation_id, "{message}")
-            }
-            log::Level::Error => {
-                tracing::error!(target: "hookmesh::guest", %handler, %correlation_id, "{message}")
-            }
-        }
-    }
-}
-
-impl state::Host for Invocation {
-    async fn get(&mut self, key: String) -> Result<Option<state::Entry>, state::StateError> {
-        check_key(&key)?;
-        let found = self
-            .services
-            .state_get(&self.manifest.name, &key)
-            .await
-            .map_err(state_error)?;
-        Ok(found.map(|r| state::Entry {
-            value: r.value,
-            revision: r.revision,
-        }))
-    }
-
-    async fn put(
-        &mut self,
-        key: String,
-        value: Vec<u8>,
-        expected: Option<u64>,
-    ) -> Result<u64, state::StateError> {
-        check_key(&key)?;
-        self.services
-            .state_put(&self.manifest.name, &key, value, expected)
-            .await
-            .map_err(state_error)
-    }
-
-    async fn delete(
-        &mut self,
-        key: String,
-        expected: Option<u64>,
-    ) -> Result<(), state::StateError> {
-        check_key(&key)?;
-        self.services
-            .state_delete(&self.manifest.name, &key, expected)
-            .await
-            .map_err(state_error)
-    }
-}
-
-fn check_key(key: &str) -> Result<(), state::StateError> {
-    if key.is_empty() || key.len() > 512 {
-        return Err(state::StateError::InvalidKey(format!(
-            "a key must have 1 to 512 bytes, this one has {}",
-            key.len()
-        )));
-    }
-    Ok(())
-}
-
-fn state_error(failure: StateFailure) -> state::StateError {
-    match failure {
-        StateFailure::StaleRevision => state::StateError::StaleRevision,
-        StateFailure::InvalidKey(reason) => state::StateError::InvalidKey(reason),
-        StateFailure::Unavailable(reason) => state::StateError::Unavailable(reason),
-    }
-}
-
-impl mapping::Host for Invocation {
-    async fn link(
-        &mut self,
-        system: String,
-        id: String,
-        other_system: String,
-        other_id: String,
-    ) -> Result<(), mapping::MappingError> {
-        for part in [&system, &id, &other_system, &other_id] {
-            check_id(part)?;
-        }
-        self.services
-            .mapping_link(&system, &id, &other_system, &other_id)
-            .await
-            .map_err(mapping_error)
-    }
-
-    async fn lookup(
-        &mut self,
-        system: String,
-        id: String,
-        other_system: String,
-    ) -> Result<Option<String>, mapping::MappingError> {
-        for part in [&system, &id, &other_system] {
-            check_id(part)?;
-        }
-        self.services
-            .mapping_lookup(&system, &id, &other_system)
-            .await
-            .map_err(mapping_error)
-    }
-}
-
-fn check_id(id: &str) -> Result<(), mapping::MappingError> {
-    if id.is_empty() || id.len() > 256 {
-        return Err(mapping::MappingError::InvalidId(format!(
-            "system names and ids must have 1 to 256 bytes, got {}",
-            id.len()
-        )));
-    }
-    Ok(())
-}
-
-fn mapping_error(failure: MappingFailure) -> mapping::MappingError {
-    match failure {
-        MappingFailure::Conflict(reason) => mapping::MappingError::Conflict(reason),
-        MappingFailure::InvalidId(reason) => mapping::MappingError::InvalidId(reason),
-        MappingFailure::Unavailable(reason) => mapping::MappingError::Unavailable(reason),
-    }
-}
-
-impl outbox::Host for Invocation {
-    async fn emit(&mut self, event_type: String, entity_id: String, payload: Vec<u8>) {
-        if self.emits.len() >= MAX_EMITS || payload.len() > MAX_EMIT_BYTES {
-            self.emit_overflow = true;
-            return;
-        }
-        self.emits.push(Emit {
-            event_type,
-            entity_id,
-            payload,
-        });
-    }
-}
-
-impl config::Host for Invocation {
-    async fn get(&mut self, key: String) -> Option<String> {
-        self.manifest.config.get(&key).cloned()
-    }
-
-    async fn get_all(&mut self) -> Vec<(String, String)> {
-        self.manifest.config.clone().into_iter().collect()
     }
 }

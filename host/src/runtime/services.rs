@@ -19,7 +19,26 @@ pub enum StateFailure {
     /// The store could not be reached.
     #[error("state unavailable: {0}")]
     Unavailable(String),
+    /// The value is larger than the store takes.
+    #[error("too large: {0}")]
+    TooLarge(String),
 }
+
+/// The room kept free in a message for its headers when a value is
+/// checked against what NATS takes.
+pub const HEADER_ROOM: usize = 8 << 10;
+
+/// The largest value (a state value, an emit's payload) a message can
+/// carry on a server whose `max_payload` is `max_payload`: what the
+/// server takes, less room for the headers. The one rule for every value
+/// a guest hands the host to store.
+pub fn storable_bytes(max_payload: usize) -> usize {
+    max_payload.saturating_sub(HEADER_ROOM)
+}
+
+/// nats-server's default `max_payload` (1 MiB), which [`MemoryServices`]
+/// stands in for.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 
 /// A failed mapping operation, as the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +66,11 @@ pub struct Revisioned {
 /// State and mapping for handlers. `handler` namespaces state: a handler
 /// sees only its own keys.
 pub trait Services: Send + Sync + 'static {
+    /// The largest state value or emit payload the store takes (see
+    /// [`storable_bytes`]); the runtime refuses larger ones before they
+    /// are sent anywhere.
+    fn max_value_bytes(&self) -> usize;
+
     /// Reads a state key: value and revision.
     fn state_get<'a>(
         &'a self,
@@ -116,6 +140,10 @@ impl MemoryServices {
 }
 
 impl Services for MemoryServices {
+    fn max_value_bytes(&self) -> usize {
+        storable_bytes(DEFAULT_MAX_PAYLOAD)
+    }
+
     fn state_get<'a>(
         &'a self,
         handler: &'a str,

@@ -65,7 +65,8 @@ fn a_component_without_handle_names_the_missing_export() {
 /// A component whose `handle` is `func(event: event) -> result<_,
 /// handler-error>` with a wrong `event` (one field, `id: u32`) and a
 /// `handler-error` with one case, re-exported from an import, and that
-/// imports `wasi:http/outgoing-handler`.
+/// imports `wasi:http/incoming-handler` (serving HTTP, which handlers do
+/// not).
 fn wrong_shapes() -> Vec<u8> {
     let mut component = Component::new();
     let mut types = ComponentTypeSection::new();
@@ -98,7 +99,7 @@ fn wrong_shapes() -> Vec<u8> {
     let mut imports = ComponentImportSection::new();
     imports.import("handle-impl", ComponentTypeRef::Func(5));
     imports.import(
-        "wasi:http/outgoing-handler@0.2.0",
+        "wasi:http/incoming-handler@0.2.0",
         ComponentTypeRef::Instance(6),
     );
     component.section(&imports);
@@ -164,7 +165,7 @@ fn a_wrong_handle_and_foreign_imports_are_each_named() {
         "`handle`'s event lacks the field `payload` (list<u8>)",
         "`handle`'s handler-error lacks the case `needs-human` (string)",
         "it imports a function `handle-impl`; handlers may import only interfaces",
-        "it imports `wasi:http/outgoing-handler@0.2.0`, which hookmesh does not provide",
+        "it imports `wasi:http/incoming-handler@0.2.0`, but hookmesh provides only wasi:http/outgoing-handler",
     ];
     for needle in expected {
         assert!(
@@ -188,11 +189,20 @@ fn a_wrong_handle_and_foreign_imports_are_each_named() {
 #[test]
 fn imports_the_host_provides_are_allowed() {
     assert!(import_allowed("hookmesh:handler/state@0.1.0").is_ok());
+    assert!(import_allowed("hookmesh:handler/state@0.2.0").is_ok());
     assert!(import_allowed("wasi:io/streams@0.2.6").is_ok());
     assert!(import_allowed("wasi:cli/environment@0.2.0").is_ok());
+    assert!(import_allowed("wasi:http/outgoing-handler@0.2.12").is_ok());
+    assert!(import_allowed("wasi:http/types@0.2.4").is_ok());
     assert_eq!(
-        import_allowed("hookmesh:handler/state@0.2.0").expect_err("other version"),
-        "but this host implements hookmesh:handler@0.1.0, not @0.2.0"
+        import_allowed("hookmesh:handler/state@0.3.0").expect_err("other version"),
+        "but this host implements hookmesh:handler@0.2.0 and @0.1.0, not @0.3.0"
+    );
+    assert!(import_allowed("wasi:http/outgoing-handler@0.3.0").is_err());
+    assert!(
+        import_allowed("wasi:http/incoming-handler@0.2.12")
+            .expect_err("serving")
+            .contains("it does not serve them")
     );
     assert!(
         import_allowed("hookmesh:handler/secrets@0.1.0")
@@ -201,4 +211,36 @@ fn imports_the_host_provides_are_allowed() {
     );
     assert!(import_allowed("wasi:io/streams@0.3.0").is_err());
     assert!(import_allowed("acme:payments/api").is_err());
+}
+
+#[test]
+fn the_world_version_comes_from_the_hookmesh_imports() {
+    let mut problems = Vec::new();
+    assert_eq!(
+        world_of(
+            &["wasi:io/streams@0.2.6", "hookmesh:handler/types@0.1.0"],
+            &mut problems
+        ),
+        "0.1.0"
+    );
+    assert_eq!(
+        world_of(&["hookmesh:handler/log@0.2.0"], &mut problems),
+        "0.2.0"
+    );
+    assert_eq!(
+        world_of(&[], &mut problems),
+        "0.2.0",
+        "the newest by default"
+    );
+    assert!(problems.is_empty(), "{problems:?}");
+    world_of(
+        &["hookmesh:handler/types@0.2.0", "hookmesh:handler/log@0.1.0"],
+        &mut problems,
+    );
+    assert_eq!(
+        problems,
+        [
+            "it imports interfaces of hookmesh:handler@0.2.0 and @0.1.0: a component targets one version"
+        ]
+    );
 }
