@@ -73,6 +73,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::deploy::cli::HandlersCommand,
     },
+    /// The PostgreSQL outbox relay: init, relay, retry.
+    Outbox {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::outbox::cli::OutboxCommand,
+    },
     /// Sign a body with a provider's secret and POST it (a testing aid).
     Send {
         /// The provider, as named in the config.
@@ -194,6 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => dlq_command(&config, command).await,
         Command::Deploy(args) => crate::deploy::cli::deploy(&config, args).await,
         Command::Handlers { command } => crate::deploy::cli::handlers(&config, command).await,
+        Command::Outbox { command } => crate::outbox::cli::run(&config, command).await,
         Command::Send {
             provider,
             file,

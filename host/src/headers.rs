@@ -124,6 +124,14 @@ impl EventHeaders<'_> {
     }
 }
 
+/// A `traceparent` starting a new trace (random trace and span ids,
+/// sampled), for an event that arrives without one.
+pub fn new_traceparent() -> String {
+    let trace: u128 = rand::random();
+    let span: u64 = rand::random();
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
 /// The first value of header `name` in `map` (names compared without
 /// regard to case: a message published by hand may spell them otherwise).
 pub fn get<'a>(map: &'a HeaderMap, name: &str) -> Option<&'a str> {

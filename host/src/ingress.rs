@@ -44,6 +44,8 @@ pub struct Ingress {
     pub max_body_bytes: usize,
     /// `Retry-After` with a 503.
     pub retry_after: Duration,
+    /// Whether the outbox relays reach their databases.
+    pub outbox: crate::outbox::Health,
 }
 
 /// The router of the host's HTTP API.
@@ -283,11 +285,7 @@ fn traceparent(headers: &HeaderMap) -> String {
     let given = headers.get("traceparent").and_then(|v| v.to_str().ok());
     match given {
         Some(tp) if is_traceparent(tp) => tp.to_string(),
-        _ => {
-            let trace: u128 = rand::random();
-            let span: u64 = rand::random();
-            format!("00-{trace:032x}-{span:016x}-01")
-        }
+        _ => crate::headers::new_traceparent(),
     }
 }
 
@@ -306,6 +304,13 @@ async fn readyz(State(ingress): State<Arc<Ingress>>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: NATS is not connected\n",
+        )
+            .into_response();
+    }
+    if let Some(problem) = ingress.outbox.problems().first() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {problem}\n"),
         )
             .into_response();
     }

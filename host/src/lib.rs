@@ -33,6 +33,8 @@
 //! - [`deploy`]: handler versions in KV/object store `hook_handlers`:
 //!   validating components, deploy, rollback, remove, watching.
 //! - [`audit`]: the `HOOK_AUDIT` trail of deploys, rollbacks, replays, purges.
+//! - [`outbox`]: the PostgreSQL outbox relay — an application's
+//!   `outbox_events` rows into `HOOK_EVENTS`, per aggregate in order.
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
 
 #![deny(missing_docs)]
@@ -50,6 +52,7 @@ pub mod local;
 pub mod manifest;
 pub mod metrics;
 pub mod nats;
+pub mod outbox;
 pub mod publish;
 pub mod records;
 pub mod retry;

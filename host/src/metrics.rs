@@ -83,6 +83,7 @@ struct Inner {
     dlq_oldest_seconds: Family<HandlerOnly, Gauge>,
     handler_version: Family<VersionLabel, Gauge>,
     partitions_owned: Family<HandlerOnly, Gauge>,
+    outbox: crate::outbox::metrics::OutboxMetrics,
 }
 
 impl Default for Metrics {
@@ -162,6 +163,7 @@ impl Default for Metrics {
             "Webhook requests being handled now",
             in_flight.clone(),
         );
+        let outbox = crate::outbox::metrics::OutboxMetrics::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -177,6 +179,7 @@ impl Default for Metrics {
                 dlq_oldest_seconds,
                 handler_version,
                 partitions_owned,
+                outbox,
             }),
         }
     }
@@ -279,6 +282,11 @@ impl Metrics {
                 .get_or_create(&label(version))
                 .set(1);
         }
+    }
+
+    /// The outbox relays' metrics.
+    pub fn outbox(&self) -> &crate::outbox::metrics::OutboxMetrics {
+        &self.inner.outbox
     }
 
     /// The Prometheus text exposition.
