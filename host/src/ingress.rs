@@ -307,10 +307,11 @@ async fn readyz(State(ingress): State<Arc<Ingress>>) -> Response {
         )
             .into_response();
     }
-    if let Some(problem) = ingress.outbox.problems().first() {
+    let problems = ingress.outbox.problems();
+    if !problems.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {problem}\n"),
+            format!("not ready: {}\n", problems.join("; ")),
         )
             .into_response();
     }

@@ -31,6 +31,8 @@ pub struct Options {
     pub partitions: u32,
     /// Handlers the host runs.
     pub handlers: Vec<hookmesh::manifest::Manifest>,
+    /// More TOML appended to the config (e.g. `[[outbox]]` entries).
+    pub extra_toml: String,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             listen: "127.0.0.1:0".into(),
             partitions: 16,
             handlers: Vec::new(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -56,6 +59,7 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         listen,
         partitions,
         handlers: _,
+        extra_toml,
     } = options;
     format!(
         r#"
@@ -102,6 +106,8 @@ secrets = ["shpss_test_secret"]
 event_id = "header:X-Shopify-Webhook-Id"
 event_type = "header:X-Shopify-Topic"
 entity_id = "json:/id"
+
+{extra_toml}
 "#
     )
 }

@@ -10,7 +10,8 @@ pub enum RelayState {
     Connecting,
     /// Connected (relaying, or standing by behind another relay).
     Connected,
-    /// The database cannot be reached or refuses the relay; the reason.
+    /// The database cannot be reached, or the relay cannot work there (no
+    /// table, say); the reason.
     Unreachable(String),
 }
 
@@ -40,11 +41,11 @@ impl Health {
             .filter_map(|(source, (database, state))| match state {
                 RelayState::Connected => None,
                 RelayState::Connecting => Some(format!(
-                    "outbox {source}: not connected to database {database} yet"
+                    "outbox {source}: database {database}: not connected yet"
                 )),
-                RelayState::Unreachable(reason) => Some(format!(
-                    "outbox {source}: database {database} unreachable: {reason}"
-                )),
+                RelayState::Unreachable(reason) => {
+                    Some(format!("outbox {source}: database {database}: {reason}"))
+                }
             })
             .collect()
     }
@@ -67,8 +68,8 @@ mod tests {
         assert_eq!(
             health.problems(),
             [
-                "outbox erp: not connected to database erp@db:5432/erp yet",
-                "outbox wms: database db:5432/wms unreachable: connection refused"
+                "outbox erp: database erp@db:5432/erp: not connected yet",
+                "outbox wms: database db:5432/wms: connection refused"
             ]
         );
         health.set("erp", "erp@db:5432/erp", RelayState::Connected);

@@ -59,29 +59,7 @@ impl Queries {
         table: &TableName,
     ) -> Result<Queries, tokio_postgres::Error> {
         let t = table.sql();
-        // A row is due when it is pending, its time has come, and no
-        // earlier row of its aggregate holds it back: one that failed, or
-        // that waits out a backoff. Earlier rows that are merely pending
-        // come first in `id` order, in this batch or before it.
-        let due = format!(
-            "WITH held AS ( \
-                 SELECT aggregate_type, aggregate_id, min(id) AS first_id FROM {t} \
-                 WHERE status = 'failed' OR (status = 'pending' AND next_attempt_at > now()) \
-                 GROUP BY aggregate_type, aggregate_id \
-             ) \
-             SELECT o.id::bigint, o.aggregate_type::text, o.aggregate_id::text, o.event_type::text, \
-                    o.payload_json::text, o.correlation_id::text, o.idempotency_key::text, \
-                    o.attempts::int4, o.created_at, \
-                    greatest(extract(epoch FROM now() - o.created_at), 0)::float8 \
-             FROM {t} o \
-             WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
-               AND NOT EXISTS ( \
-                   SELECT 1 FROM held h \
-                   WHERE h.aggregate_type = o.aggregate_type AND h.aggregate_id = o.aggregate_id \
-                     AND h.first_id < o.id) \
-             ORDER BY o.id \
-             LIMIT $1"
-        );
+        let due = due_sql(table);
         let published = format!(
             "UPDATE {t} SET status = 'published', published_at = now() \
              WHERE id = ANY($1::bigint[]) AND status = 'pending'"
@@ -198,6 +176,35 @@ impl Queries {
             oldest_pending: Duration::try_from_secs_f64(row.get(2)).unwrap_or_default(),
         })
     }
+}
+
+/// The query of the due rows of `table` (`$1`: how many at most): what the
+/// relay runs each round, and what its indexes are made for.
+pub fn due_sql(table: &TableName) -> String {
+    let t = table.sql();
+    // A row is due when it is pending, its time has come, and no
+    // earlier row of its aggregate holds it back: one that failed, or
+    // that waits out a backoff. Earlier rows that are merely pending
+    // come first in `id` order, in this batch or before it.
+    format!(
+        "WITH held AS ( \
+             SELECT aggregate_type, aggregate_id, min(id) AS first_id FROM {t} \
+             WHERE status = 'failed' OR (status = 'pending' AND next_attempt_at > now()) \
+             GROUP BY aggregate_type, aggregate_id \
+         ) \
+         SELECT o.id::bigint, o.aggregate_type::text, o.aggregate_id::text, o.event_type::text, \
+                o.payload_json::text, o.correlation_id::text, o.idempotency_key::text, \
+                o.attempts::int4, o.created_at, \
+                greatest(extract(epoch FROM now() - o.created_at), 0)::float8 \
+         FROM {t} o \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
+           AND NOT EXISTS ( \
+               SELECT 1 FROM held h \
+               WHERE h.aggregate_type = o.aggregate_type AND h.aggregate_id = o.aggregate_id \
+                 AND h.first_id < o.id) \
+         ORDER BY o.id \
+         LIMIT $1"
+    )
 }
 
 /// Puts `failed` rows back to `pending` with their attempts reset — all of
