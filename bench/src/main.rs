@@ -13,6 +13,7 @@ mod dispatch;
 mod host;
 mod ingest;
 mod load;
+mod outbox;
 mod stats;
 
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Scenario {
     /// Time from `deploy` returning until every running host runs the new
     /// version, vs. a bare KV watch notification.
     Deploy(deploy::Args),
+    /// A PostgreSQL outbox table drained by the relay vs. raw JetStream
+    /// publishes of the same messages; commit → stored latency.
+    Outbox(outbox::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Dispatch(args) => dispatch::run(args).await,
             Scenario::Deploy(args) => deploy::run(args).await,
+            Scenario::Outbox(args) => outbox::run(args).await,
         }
     });
     match outcome {

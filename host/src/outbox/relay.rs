@@ -22,7 +22,7 @@ use crate::publish::{Publisher, Stored};
 use crate::retry::Retry;
 
 /// Aggregates published at once within a round (each one row at a time).
-const AGGREGATES_IN_FLIGHT: usize = 256;
+pub const AGGREGATES_IN_FLIGHT: usize = 256;
 /// How long one database call may take before the session is given up.
 const DB_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the pending/failed gauges are refreshed.
@@ -193,6 +193,7 @@ impl Relay {
                 }
                 info!("relaying: this process holds the table's relay lock");
             }
+            let began = Instant::now();
             let rows = db("read due rows", queries.due(&conn.client, config.batch)).await?;
             if rows.is_empty() {
                 let pause = next_retry.take().map_or(config.poll_interval, |at| {
@@ -202,7 +203,9 @@ impl Relay {
                 wait(&conn, stopped, pause, true).await?;
                 continue;
             }
+            let (count, read) = (rows.len(), began.elapsed());
             let round = self.publish(rows).await;
+            let published = began.elapsed();
             db(
                 "mark rows published",
                 queries.mark_published(&conn.client, &round.published),
@@ -210,6 +213,13 @@ impl Relay {
             .await?;
             self.metrics.published(&config.source, &round.delays);
             next_retry = self.record_failures(&conn, &queries, &round).await?;
+            debug!(
+                rows = count,
+                read_ms = read.as_secs_f64() * 1e3,
+                publish_ms = (published - read).as_secs_f64() * 1e3,
+                mark_ms = (began.elapsed() - published).as_secs_f64() * 1e3,
+                "round"
+            );
         }
     }
 
