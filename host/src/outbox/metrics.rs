@@ -49,41 +49,51 @@ impl OutboxMetrics {
             }),
         };
         let outbox = registry.sub_registry_with_prefix("outbox");
-        outbox.register(
-            "published",
-            "Outbox rows stored in HOOK_EVENTS and marked published, by source",
-            metrics.published.clone(),
-        );
-        outbox.register(
-            "failed",
-            "Outbox rows marked failed by this relay (max_attempts reached, or never storable), by source",
-            metrics.failed.clone(),
-        );
-        outbox.register(
-            "attempts_failed",
-            "Publish attempts of outbox rows that failed (the row backs off), by source",
-            metrics.attempts_failed.clone(),
-        );
-        outbox.register(
-            "pending",
-            "Outbox rows pending, by source",
-            metrics.pending.clone(),
-        );
-        outbox.register(
-            "failed_rows",
-            "Outbox rows in status failed (they hold their aggregate back), by source",
-            metrics.failed_rows.clone(),
-        );
-        outbox.register(
-            "oldest_pending_age_seconds",
-            "Age of the oldest pending outbox row, by source (0 when none)",
-            metrics.oldest_pending.clone(),
-        );
-        outbox.register(
-            "leader",
-            "1 while this process relays the source's table, 0 while it stands by",
-            metrics.leader.clone(),
-        );
+        let counters = [
+            (
+                "published",
+                "Outbox rows stored in HOOK_EVENTS and marked published, by source",
+                &metrics.published,
+            ),
+            (
+                "failed",
+                "Outbox rows marked failed by this relay (max_attempts reached, or never storable), by source",
+                &metrics.failed,
+            ),
+            (
+                "attempts_failed",
+                "Publish attempts of outbox rows that failed (the row backs off), by source",
+                &metrics.attempts_failed,
+            ),
+        ];
+        for (name, help, family) in counters {
+            outbox.register(name, help, family.clone());
+        }
+        let gauges = [
+            (
+                "pending",
+                "Outbox rows pending, by source",
+                &metrics.pending,
+            ),
+            (
+                "failed_rows",
+                "Outbox rows in status failed (they hold their aggregate back), by source",
+                &metrics.failed_rows,
+            ),
+            (
+                "oldest_pending_age_seconds",
+                "Age of the oldest pending outbox row, by source (0 when none)",
+                &metrics.oldest_pending,
+            ),
+            (
+                "leader",
+                "1 while this process relays the source's table, 0 while it stands by",
+                &metrics.leader,
+            ),
+        ];
+        for (name, help, family) in gauges {
+            outbox.register(name, help, family.clone());
+        }
         outbox.register(
             "delay_seconds",
             "Time from an outbox row's created_at to its PubAck, by source",

@@ -4,54 +4,14 @@
 //! restart does to it).
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::future::join_all;
-use hookmesh::outbox::table::TableName;
 use hookmesh_test_support::NatsServer;
-use serde_json::json;
-use tokio_postgres::Client;
 
-use super::{Bed, RunningRelay, apply_streams, assert_once_in_order, insert, pg, relayed};
+use super::{
+    Bed, RunningRelay, aggregates, apply_streams, assert_once_in_order, insert_rows, pg, relayed,
+};
 use crate::support::{hookmesh_bin, jetstream};
-
-/// Inserts `total` rows over `aggregates` aggregates at about `per_second`,
-/// from `clients` (each aggregate's rows one after the other); the rows.
-async fn insert_paced(
-    clients: &[Client],
-    table: &TableName,
-    total: usize,
-    aggregates: usize,
-    per_second: u64,
-) -> Vec<(i64, String)> {
-    let started = Instant::now();
-    let per_aggregate = total / aggregates;
-    let rows = join_all((0..aggregates).map(|aggregate| async move {
-        let client = &clients[aggregate % clients.len()];
-        let id = format!("ORD-{aggregate}");
-        let mut rows = Vec::with_capacity(per_aggregate);
-        for n in 0..per_aggregate {
-            // This aggregate's share of the rate.
-            let due = started
-                + Duration::from_micros(
-                    (n * aggregates + aggregate) as u64 * 1_000_000 / per_second,
-                );
-            tokio::time::sleep_until(due.into()).await;
-            let row = insert(
-                client,
-                table,
-                ("order", &id),
-                "order.changed",
-                json!({"n": n}),
-            )
-            .await;
-            rows.push((row, id.clone()));
-        }
-        rows
-    }))
-    .await;
-    rows.into_iter().flatten().collect()
-}
 
 /// `hookmesh outbox relay` for `source` on `database_url`, logging to
 /// `log` (appended).
@@ -88,7 +48,8 @@ async fn the_relay_process_killed_every_half_second_loses_and_doubles_no_row() {
         clients.push(pg(bed.db.url()).await);
     }
 
-    let inserting = insert_paced(&clients, &bed.table, 5000, 50, 1000);
+    let ids = aggregates("ORD", 50);
+    let inserting = insert_rows(&clients, &bed.table, &ids, 100, 1000);
     tokio::pin!(inserting);
     let mut kills = 0;
     let rows = loop {
@@ -141,7 +102,8 @@ async fn a_relay_whose_database_sessions_are_cut_again_and_again_loses_and_doubl
     let clients = vec![pg(bed.db.url()).await, pg(bed.db.url()).await];
     let admin = pg(bed.db.url()).await;
 
-    let inserting = insert_paced(&clients, &bed.table, 1500, 30, 500);
+    let ids = aggregates("ORD", 30);
+    let inserting = insert_rows(&clients, &bed.table, &ids, 50, 500);
     tokio::pin!(inserting);
     let mut cut = 0;
     let rows = loop {

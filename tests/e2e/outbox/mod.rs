@@ -131,6 +131,48 @@ pub async fn insert(
         .get(0)
 }
 
+/// `<prefix>-0` … `<prefix>-<count - 1>`.
+pub fn aggregates(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|n| format!("{prefix}-{n}")).collect()
+}
+
+/// Inserts `each` rows for every aggregate, each row in a transaction of
+/// its own, at about `per_second` rows in all, from `clients`: an
+/// aggregate's rows one after the other (as an application changing one
+/// entity at a time), the aggregates interleaved. The rows, `(id,
+/// aggregate)`.
+pub async fn insert_rows(
+    clients: &[Client],
+    table: &TableName,
+    aggregates: &[String],
+    each: usize,
+    per_second: u64,
+) -> Vec<(i64, String)> {
+    let started = tokio::time::Instant::now();
+    let count = aggregates.len();
+    let rows = futures::future::join_all(aggregates.iter().enumerate().map(|(i, id)| async move {
+        let client = &clients[i % clients.len()];
+        let mut rows = Vec::with_capacity(each);
+        for n in 0..each {
+            // This aggregate's share of the rate.
+            let due = Duration::from_micros((n * count + i) as u64 * 1_000_000 / per_second);
+            tokio::time::sleep_until(started + due).await;
+            let row = insert(
+                client,
+                table,
+                ("order", id),
+                "order.changed",
+                serde_json::json!({"n": n}),
+            )
+            .await;
+            rows.push((row, id.clone()));
+        }
+        rows
+    }))
+    .await;
+    rows.into_iter().flatten().collect()
+}
+
 /// The test config's ingest settings (partitions, windows) for relays run
 /// without a host.
 pub fn ingest() -> hookmesh::config::IngestConfig {

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
 use hookmesh_test_support::NatsServer;
-use serde_json::json;
 
-use super::{Bed, RunningRelay, apply_streams, assert_once_in_order, insert, pg, relayed};
+use super::{
+    Bed, RunningRelay, aggregates, apply_streams, assert_once_in_order, insert_rows, pg, relayed,
+};
 use crate::support::wait_for;
 
 const AGGREGATES: usize = 20;
@@ -28,39 +28,14 @@ async fn three_relays_publish_each_aggregate_in_id_order_exactly_once_across_a_l
     })
     .await;
 
-    // Four sessions insert; each aggregate's rows go one transaction after
-    // the other (as an application writing one invoice at a time), the
-    // aggregates interleaved at random.
-    let writers = 4;
+    // Four sessions insert, each row in a transaction of its own.
     let mut clients = Vec::new();
-    for _ in 0..writers {
+    for _ in 0..4 {
         clients.push(pg(bed.db.url()).await);
     }
-    let table = &bed.table;
-    let insert_all = |half: usize| {
-        let clients = &clients;
-        join_all((0..AGGREGATES).map(move |aggregate| async move {
-            let client = &clients[aggregate % writers];
-            let id = format!("INV-{aggregate}");
-            let mut ids = Vec::new();
-            for n in half * ROWS_EACH / 2..(half + 1) * ROWS_EACH / 2 {
-                let row = insert(
-                    client,
-                    table,
-                    ("invoice", &id),
-                    "invoice.changed",
-                    json!({"n": n}),
-                )
-                .await;
-                ids.push((row, id.clone()));
-                if n % 7 == aggregate % 7 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            ids
-        }))
-    };
-    let mut rows: Vec<(i64, String)> = insert_all(0).await.into_iter().flatten().collect();
+    let ids = aggregates("INV", AGGREGATES);
+    let half = ROWS_EACH / 2;
+    let mut rows = insert_rows(&clients, &bed.table, &ids, half, 5000).await;
 
     // The leader dies mid-stream (a round in flight, unmarked); a standby
     // takes the lock over.
@@ -69,11 +44,14 @@ async fn three_relays_publish_each_aggregate_in_id_order_exactly_once_across_a_l
         .position(RunningRelay::leading)
         .expect("a leader");
     let leader = relays.remove(leader);
-    let (second, ()) = tokio::join!(insert_all(1), async move {
-        tokio::time::sleep(Duration::from_millis(40)).await;
-        leader.crash();
-    });
-    rows.extend(second.into_iter().flatten());
+    let (second, ()) = tokio::join!(
+        insert_rows(&clients, &bed.table, &ids, half, 5000),
+        async move {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            leader.crash();
+        }
+    );
+    rows.extend(second);
     assert_eq!(rows.len(), AGGREGATES * ROWS_EACH);
 
     bed.wait_all_published(Duration::from_secs(60)).await;

@@ -140,6 +140,26 @@ async fn rows_become_events_with_every_header_that_a_handler_of_the_source_handl
             && metrics.contains("hookmesh_outbox_leader{source=\"erp\"} 1")
     })
     .await;
+    // The application writes an event with its key twice: stored once, and
+    // the second row is marked published all the same.
+    let twice: i64 = bed
+        .client
+        .query_one(
+            "INSERT INTO outbox_events (aggregate_type, aggregate_id, event_type, payload_json, idempotency_key) \
+             VALUES ('invoice', 'INV 2/2026', 'invoice.created', '{}', 'erp-inv-2-created') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    bed.wait_all_published(Duration::from_secs(30)).await;
+    let stored: Vec<i64> = relayed(&js, "erp").await.iter().map(|e| e.row).collect();
+    assert_eq!(
+        stored,
+        [created, paid, keyed, credit],
+        "row {twice} is a duplicate"
+    );
+
     // A pending row shows in the gauges: one held back by a failed row.
     bed.client
         .batch_execute(
