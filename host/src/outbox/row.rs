@@ -99,8 +99,8 @@ pub enum Outcome {
     /// Not stored for a reason that may pass (NATS away, slow, erroring):
     /// count the attempt and back off.
     Retry(String),
-    /// Never storable as it is (a value that cannot be a header): `failed`
-    /// at once.
+    /// Never storable as it is (a value that cannot be a header, a message
+    /// over NATS's `max_payload`): `failed` at once.
     Fail(String),
 }
 
@@ -109,6 +109,9 @@ impl Outcome {
     pub fn of_error(error: &PublishError) -> Outcome {
         let text = error_chain(error);
         match error {
+            PublishError::JetStream { source, .. } if too_large(source.as_ref()) => {
+                Outcome::Fail(text)
+            }
             PublishError::Disconnected
             | PublishError::Timeout(_)
             | PublishError::JetStream { .. } => Outcome::Retry(text),
@@ -119,6 +122,15 @@ impl Outcome {
             | PublishError::CorruptRecord { .. } => Outcome::Fail(text),
         }
     }
+}
+
+/// Whether NATS refused the message as larger than its `max_payload`: no
+/// retry makes it smaller.
+fn too_large(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    error
+        .downcast_ref::<PublishError>()
+        .is_some_and(|e| e.kind() == PublishErrorKind::MaxPayloadExceeded)
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -208,5 +220,19 @@ mod tests {
             panic!("a bad header value fails at once");
         };
         assert!(reason.contains("Hook-Entity"), "{reason}");
+        let too_large = PublishError::JetStream {
+            step: "publish",
+            source: Box::new(async_nats::jetstream::context::PublishError::new(
+                async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
+            )),
+        };
+        assert!(matches!(Outcome::of_error(&too_large), Outcome::Fail(_)));
+        let refused = PublishError::JetStream {
+            step: "publish ack",
+            source: Box::new(async_nats::jetstream::context::PublishError::new(
+                async_nats::jetstream::context::PublishErrorKind::StreamNotFound,
+            )),
+        };
+        assert!(matches!(Outcome::of_error(&refused), Outcome::Retry(_)));
     }
 }

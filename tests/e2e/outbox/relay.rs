@@ -244,3 +244,45 @@ async fn readyz_names_a_relay_whose_database_is_unreachable_until_it_can_work() 
     tableless.wait_ready().await;
     assert_eq!(refused.get("/readyz").await.0, 503, "still unreachable");
 }
+
+#[tokio::test]
+async fn a_row_too_large_for_nats_fails_at_once_and_holds_back_only_its_aggregate() {
+    let nats = NatsServer::start().expect("nats");
+    let js = super::apply_streams(&nats).await;
+    let bed = Bed::new("outbox_events", true).await;
+    let relay = super::RunningRelay::start(bed.outbox("erp"), &nats.url()).await;
+    // Over nats-server's max_payload (1 MiB by default).
+    let big: i64 = bed
+        .client
+        .query_one(
+            "INSERT INTO outbox_events (aggregate_type, aggregate_id, event_type, payload_json) \
+             VALUES ('invoice', 'INV-BIG', 'invoice.created', jsonb_build_object('blob', repeat('x', 2 * 1024 * 1024))) \
+             RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    let behind = bed
+        .insert(("invoice", "INV-BIG"), "invoice.paid", json!({}))
+        .await;
+    let other = bed
+        .insert(("invoice", "INV-OK"), "invoice.created", json!({}))
+        .await;
+    wait_for(
+        Duration::from_secs(20),
+        "the big row failed, the other published",
+        || async {
+            let rows = bed.rows().await;
+            let state = |id: i64| rows.iter().find(|(r, _, _)| *r == id).cloned();
+            state(big) == Some((big, "failed".into(), 1))
+                && state(other).is_some_and(|(_, status, _)| status == "published")
+        },
+    )
+    .await;
+    let rows = bed.rows().await;
+    assert!(rows.contains(&(behind, "pending".into(), 0)), "{rows:?}");
+    let stored: Vec<i64> = relayed(&js, "erp").await.iter().map(|e| e.row).collect();
+    assert_eq!(stored, [other]);
+    relay.stop().await;
+}
