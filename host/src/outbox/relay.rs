@@ -212,7 +212,9 @@ impl Relay {
             )
             .await?;
             self.metrics.published(&config.source, &round.delays);
-            next_retry = self.record_failures(&conn, &queries, &round).await?;
+            if let Some(at) = self.record_failures(&conn, &queries, &round).await? {
+                next_retry = Some(next_retry.map_or(at, |earlier| earlier.min(at)));
+            }
             debug!(
                 rows = count,
                 read_ms = read.as_secs_f64() * 1e3,
@@ -232,11 +234,13 @@ impl Relay {
         let mut chains: Vec<Vec<OutboxRow>> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         for row in rows {
-            let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
-            let i = *index.entry(key).or_insert_with(|| {
-                chains.push(Vec::new());
-                chains.len() - 1
-            });
+            let (kind, id) = row.aggregate();
+            let i = *index
+                .entry((kind.to_string(), id.to_string()))
+                .or_insert_with(|| {
+                    chains.push(Vec::new());
+                    chains.len() - 1
+                });
             chains[i].push(row);
         }
         let results: Vec<Vec<(OutboxRow, Outcome)>> = futures::stream::iter(chains)
