@@ -18,6 +18,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP keepalive idle time when the URL does not say: a database that
 /// vanished without closing the connection is noticed within about a minute.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// The same asked of the server for its end of the session: a relay whose
+/// host vanished loses its session — and so the table's relay lock — within
+/// about a minute, not after the operating system's two hours.
+const SERVER_KEEPALIVES: &str =
+    "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3";
 
 /// A PostgreSQL connection URL, checked. `Debug` and `Display` show the
 /// user, hosts and database, never the password.
@@ -57,8 +62,15 @@ impl Database {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        if !url.contains("keepalives_idle") {
+        if !sets(url, "keepalives_idle") {
             config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if !url.contains("tcp_keepalives") {
+            let options = match config.get_options() {
+                Some(given) => format!("{given} {SERVER_KEEPALIVES}"),
+                None => SERVER_KEEPALIVES.to_string(),
+            };
+            config.options(options);
         }
         let described = describe(&config);
         Ok(Database { config, described })
@@ -125,6 +137,15 @@ impl fmt::Display for Database {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.described)
     }
+}
+
+/// Whether a connection string sets parameter `key` (URL query or
+/// `key=value` form).
+fn sets(url: &str, key: &str) -> bool {
+    [format!("?{key}="), format!("&{key}="), format!(" {key}=")]
+        .iter()
+        .any(|form| url.contains(form.as_str()))
+        || url.starts_with(&format!("{key}="))
 }
 
 fn describe(config: &tokio_postgres::Config) -> String {
@@ -212,6 +233,27 @@ mod tests {
         assert!(!format!("{db:?} {db}").contains("s3cret"));
         let local = Database::parse("postgres://127.0.0.1/erp").expect("valid");
         assert_eq!(local.describe(), "127.0.0.1:5432/erp");
+    }
+
+    #[test]
+    fn the_server_is_asked_for_keepalives_unless_the_url_says_otherwise() {
+        let plain = Database::parse("postgres://127.0.0.1/erp").expect("valid");
+        assert_eq!(plain.config.get_options(), Some(SERVER_KEEPALIVES));
+        let given = Database::parse("postgres://127.0.0.1/erp?options=-c%20search_path%3Derp")
+            .expect("valid");
+        assert_eq!(
+            given.config.get_options(),
+            Some(format!("-c search_path=erp {SERVER_KEEPALIVES}").as_str())
+        );
+        assert!(sets("postgres://h/db?keepalives_idle=5", "keepalives_idle"));
+        assert!(sets("host=h keepalives_idle=5", "keepalives_idle"));
+        assert!(!sets(
+            "postgres://h/db?tcp_keepalives_idle=5",
+            "keepalives_idle"
+        ));
+        let own = Database::parse("postgres://127.0.0.1/erp?options=-c%20tcp_keepalives_idle%3D5")
+            .expect("valid");
+        assert_eq!(own.config.get_options(), Some("-c tcp_keepalives_idle=5"));
     }
 
     #[test]

@@ -390,3 +390,25 @@ async fn print_shows_the_sql_init_runs_and_running_it_gives_the_same_table() {
         .expect("the printed table suits the relay");
     assert!(shape.notify);
 }
+
+#[tokio::test]
+async fn a_relay_session_asks_the_server_to_notice_a_vanished_host_within_a_minute() {
+    let db = TestDatabase::create().expect("database");
+    let database = Database::parse(db.url()).expect("url");
+    let session = database.connect("test-relay", None).await.expect("connect");
+    let mut settings = Vec::new();
+    for name in [
+        "tcp_keepalives_idle",
+        "tcp_keepalives_interval",
+        "tcp_keepalives_count",
+    ] {
+        let value: String = session
+            .client
+            .query_one(&format!("SHOW {name}"), &[])
+            .await
+            .expect("show")
+            .get(0);
+        settings.push(value);
+    }
+    assert_eq!(settings, ["30", "10", "3"]);
+}
