@@ -24,6 +24,31 @@ ensure_nats_server() {
   fi
 }
 
+# PostgreSQL (Debian's) with its cluster running, for the outbox tests:
+# they connect as postgres to 127.0.0.1:5432 without a password. A
+# cluster installed here gets trust auth on loopback for that; an existing
+# one is only started.
+ensure_postgres() {
+  local installed=""
+  if ! ls -d /etc/postgresql/*/main >/dev/null 2>&1; then
+    echo "installing PostgreSQL (Debian package)" >&2
+    apt_install postgresql
+    installed=1
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  if [ -n "$installed" ]; then
+    sed -Ei 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' \
+      "/etc/postgresql/$version/main/pg_hba.conf"
+  fi
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    echo "starting the PostgreSQL $version cluster" >&2
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  elif [ -n "$installed" ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+  fi
+}
+
 # The pinned current release, in a project-local venv; prints its path.
 pinned_nats_server() {
   local venv=".venv-nats"

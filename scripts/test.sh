@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/prereqs.sh
 
 ensure_nats_server
+ensure_postgres
 ensure_nextest
 ensure_promtool
 ensure_browser_test
@@ -27,9 +28,9 @@ NATS_SERVER_BIN="$system" cargo nextest run --workspace --no-fail-fast
 
 echo "== end-to-end tests, nats-server $("$pinned" --version) ($pinned)"
 # --workspace with a filter, not -p: the same package set keeps the same
-# feature unification, so nothing is rebuilt. The console's browser test
-# ran in the first pass; the server version changes nothing it checks. The
-# `outbound::` tests run the wasm runtime against an HTTP server with no
-# NATS at all: once is enough.
+# feature unification, so nothing is rebuilt. What does not depend on the
+# server's version runs once, in the first pass: the console's browser test,
+# the `outbound::` tests (the wasm runtime against an HTTP server, no NATS),
+# the outbox tests and the PostgreSQL helpers.
 NATS_SERVER_BIN="$pinned" cargo nextest run --workspace --no-fail-fast \
-  -E '(package(hookmesh-e2e) - test(/^outbound::/) - test(/the_console_in_a_browser/)) | package(hookmesh-test-support)'
+  -E '(package(hookmesh-e2e) - test(/^outbound::/) - test(/the_console_in_a_browser/) - test(/^outbox::/)) | (package(hookmesh-test-support) - test(/^postgres::/))'

@@ -14,6 +14,7 @@ mod host;
 mod ingest;
 mod load;
 mod outbound;
+mod outbox;
 mod stats;
 
 use std::process::ExitCode;
@@ -50,6 +51,9 @@ enum Scenario {
     /// Events through order-sync writing to the mock ERP vs. the same
     /// requests from a native HTTP client; the latency a request gains.
     Outbound(outbound::Args),
+    /// A PostgreSQL outbox table drained by the relay vs. raw JetStream
+    /// publishes of the same messages; commit → stored latency.
+    Outbox(outbox::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
             Scenario::Dispatch(args) => dispatch::run(args).await,
             Scenario::Deploy(args) => deploy::run(args).await,
             Scenario::Outbound(args) => outbound::run(args).await,
+            Scenario::Outbox(args) => outbox::run(args).await,
         }
     });
     match outcome {

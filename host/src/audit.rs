@@ -1,5 +1,6 @@
-//! The audit trail: every deploy, rollback, removal, replay and purge is
-//! one JSON message on `HOOK_AUDIT`, subject `audit.<action>.<handler>`, so
+//! The audit trail: every deploy, rollback, removal, replay, purge and
+//! outbox retry is one JSON message on `HOOK_AUDIT`, subject
+//! `audit.<action>.<handler or outbox source>`, so
 //! `nats stream view HOOK_AUDIT` answers "who did what, when, to which
 //! entries, and how did it end".
 
@@ -27,6 +28,8 @@ pub enum Action {
     Replay,
     /// Dead letters were deleted.
     Purge,
+    /// Failed outbox rows were put back to pending.
+    OutboxRetry,
 }
 
 impl Action {
@@ -39,6 +42,7 @@ impl Action {
             Action::ActivationFailed => "activation-failed",
             Action::Replay => "replay",
             Action::Purge => "purge",
+            Action::OutboxRetry => "outbox-retry",
         }
     }
 }
@@ -54,6 +58,19 @@ pub struct DeadLetterRef {
     pub subject: String,
 }
 
+/// The outbox rows an action touched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRowsRef {
+    /// The table.
+    pub table: String,
+    /// The database (user, host, name; never a password).
+    pub database: String,
+    /// How many rows.
+    pub count: u64,
+    /// Their ids, in order (the first 1 000 when there are more).
+    pub ids: Vec<i64>,
+}
+
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -64,7 +81,7 @@ pub struct AuditRecord {
     pub actor: String,
     /// When (RFC 3339).
     pub at: String,
-    /// The handler concerned.
+    /// The handler concerned (for an outbox retry, the outbox source).
     pub handler: String,
     /// How it ended: `ok`, `failed`, `dry-run`, …
     pub outcome: String,
@@ -83,6 +100,9 @@ pub struct AuditRecord {
     /// Whether a replay ran with a fixed payload instead of the original.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_changed: Option<bool>,
+    /// The outbox rows concerned (outbox retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxRowsRef>,
 }
 
 impl AuditRecord {
@@ -100,6 +120,7 @@ impl AuditRecord {
             previous_version: None,
             entries: Vec::new(),
             payload_changed: None,
+            outbox: None,
         }
     }
 

@@ -93,6 +93,12 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = crate::status::RECENT_AUDIT)]
         audit: usize,
     },
+    /// The PostgreSQL outbox relay: init, relay, retry.
+    Outbox {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::outbox::cli::OutboxCommand,
+    },
     /// Sign a body with a provider's secret and POST it (a testing aid).
     Send {
         /// The provider, as named in the config.
@@ -217,6 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy(args) => crate::deploy::cli::deploy(&config, *args).await,
         Command::Handlers { command } => crate::deploy::cli::handlers(&config, command).await,
         Command::Status { json, audit } => status(&config, json, audit).await,
+        Command::Outbox { command } => crate::outbox::cli::run(&config, command).await,
         Command::Send {
             provider,
             file,

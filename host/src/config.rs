@@ -23,6 +23,9 @@ use serde::Deserialize;
 
 use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
 
+mod outbox;
+pub use outbox::OutboxConfig;
+
 /// The built-in development configuration used when no file is given.
 pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
 
@@ -197,6 +200,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The log format.
     pub log: LogConfig,
+    /// The PostgreSQL outbox tables relayed into `HOOK_EVENTS` (`[[outbox]]`).
+    pub outbox: Vec<OutboxConfig>,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
 }
@@ -372,6 +377,7 @@ impl Config {
                 .map_err(|(k, m)| invalid(k, m))?;
             providers.insert(name, provider);
         }
+        let outbox = outbox::resolve_all(raw.outbox, env).map_err(|(k, m)| invalid(k, m))?;
         if raw.http.max_body_bytes.0 == 0 {
             return Err(invalid(
                 "http.max_body_bytes".into(),
@@ -394,6 +400,7 @@ impl Config {
             log: LogConfig {
                 format: raw.log.format,
             },
+            outbox,
             warnings,
         })
     }
@@ -415,15 +422,20 @@ fn located(text: &str, e: &toml::de::Error) -> String {
 /// How a provider name appears in a dotted key: quoted unless it is a bare
 /// TOML key.
 fn provider_key(name: &str) -> String {
-    if !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if plain_name(name) {
         format!("providers.{name}")
     } else {
         format!("providers.{name:?}")
     }
+}
+
+/// Whether a name (a provider, an outbox source) is one plain subject
+/// token: letters, digits, `_` and `-`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A failure inside validation: the dotted key and the message.
@@ -439,6 +451,7 @@ struct RawConfig {
     operator: RawOperator,
     admin: RawAdmin,
     log: RawLog,
+    outbox: Vec<outbox::RawOutbox>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -719,11 +732,7 @@ impl RawProvider {
         warnings: &mut Vec<String>,
     ) -> Result<Provider, KeyError> {
         let key = |k: &str| format!("{}.{k}", provider_key(name));
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if !plain_name(name) {
             return Err((
                 provider_key(name),
                 "a provider name may only contain letters, digits, '_' and '-'".into(),
@@ -924,6 +933,13 @@ fn resolve_secret(reference: &str, env: &Env) -> Result<Option<String>, String> 
     }
 }
 
+/// Resolves a secret reference given on the command line (`env:VAR`,
+/// `file:PATH` or a literal) with the process's environment.
+pub fn resolve_secret_reference(reference: &str) -> Result<String, String> {
+    resolve_secret(reference, &Env::from_process())?
+        .ok_or_else(|| format!("{} is not set", env_name(reference)))
+}
+
 fn env_name(reference: &str) -> String {
     let var = reference.strip_prefix("env:").unwrap_or(reference);
     format!("environment variable {var}")
@@ -959,20 +975,22 @@ fn apply_env_overrides(
                     .insert(key.to_string(), value);
                 applied.push((format!("{section}.{key}"), var.clone()));
             }
+            "outbox" => {
+                let (name, key) = split_name_key(key, outbox::OUTBOX_KEYS).ok_or_else(|| {
+                    fail(format!(
+                        "expected HOOKMESH_OUTBOX_<SOURCE>_<KEY>, KEY one of {:?}",
+                        outbox::OUTBOX_KEYS
+                    ))
+                })?;
+                let set = outbox::set_override(table, name, key, value).map_err(&fail)?;
+                applied.push((set, var.clone()));
+            }
             "providers" => {
-                let (name, key) = PROVIDER_KEYS
-                    .iter()
-                    .find_map(|k| {
-                        key.strip_suffix(k)
-                            .and_then(|n| n.strip_suffix('_'))
-                            .filter(|n| !n.is_empty())
-                            .map(|n| (n, *k))
-                    })
-                    .ok_or_else(|| {
-                        fail(format!(
-                            "expected HOOKMESH_PROVIDERS_<NAME>_<KEY>, KEY one of {PROVIDER_KEYS:?}"
-                        ))
-                    })?;
+                let (name, key) = split_name_key(key, PROVIDER_KEYS).ok_or_else(|| {
+                    fail(format!(
+                        "expected HOOKMESH_PROVIDERS_<NAME>_<KEY>, KEY one of {PROVIDER_KEYS:?}"
+                    ))
+                })?;
                 let providers = section_table(table, "providers").map_err(&fail)?;
                 // Provider names are matched case-insensitively, `_` standing for `-`.
                 let existing = providers
@@ -993,6 +1011,17 @@ fn apply_env_overrides(
         }
     }
     Ok(applied)
+}
+
+/// Splits `<name>_<key>` where the name and the key may both contain `_`:
+/// the key is the first of `keys` the text ends with.
+fn split_name_key<'t>(text: &'t str, keys: &[&'static str]) -> Option<(&'t str, &'static str)> {
+    keys.iter().find_map(|k| {
+        text.strip_suffix(k)
+            .and_then(|n| n.strip_suffix('_'))
+            .filter(|n| !n.is_empty())
+            .map(|n| (n, *k))
+    })
 }
 
 fn section_table<'t>(

@@ -151,7 +151,8 @@ pub fn is_traceparent(value: &str) -> bool {
         && hex(parts[3], 2)
 }
 
-/// A `traceparent` starting a new trace (sampled).
+/// A `traceparent` starting a new trace (random trace and span ids,
+/// sampled), for an event that arrives without one.
 pub fn new_traceparent() -> String {
     let trace: u128 = rand::random();
     let span: u64 = rand::random();

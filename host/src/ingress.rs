@@ -44,6 +44,8 @@ pub struct Ingress {
     pub max_body_bytes: usize,
     /// `Retry-After` with a 503.
     pub retry_after: Duration,
+    /// Whether the outbox relays reach their databases.
+    pub outbox: crate::outbox::Health,
 }
 
 /// The router of the host's HTTP API.
@@ -287,16 +289,25 @@ fn traceparent(headers: &HeaderMap) -> String {
 }
 
 async fn readyz(State(ingress): State<Arc<Ingress>>) -> Response {
-    readiness(&ingress.client).await
+    readiness(&ingress.client, &ingress.outbox).await
 }
 
-/// `/readyz` of both listeners: 200 when NATS is connected and every
-/// stream is present, else 503 saying why.
-pub async fn readiness(client: &async_nats::Client) -> Response {
+/// `/readyz` of both listeners: 200 when NATS is connected, every outbox
+/// relay works with its database and every stream is present, else 503
+/// saying why.
+pub async fn readiness(client: &async_nats::Client, outbox: &crate::outbox::Health) -> Response {
     if client.connection_state() != async_nats::connection::State::Connected {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: NATS is not connected\n",
+        )
+            .into_response();
+    }
+    let problems = outbox.problems();
+    if !problems.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
         )
             .into_response();
     }

@@ -41,6 +41,8 @@
 //! - [`audit`]: the `HOOK_AUDIT` trail of deploys, rollbacks, replays, purges.
 //! - [`status`]: the installation's state read from NATS in one typed
 //!   snapshot (`hookmesh status`, the console), and the backlog gauges.
+//! - [`outbox`]: the PostgreSQL outbox relay — an application's
+//!   `outbox_events` rows into `HOOK_EVENTS`, per aggregate in order.
 //! - [`cli`]: the `hookmesh` command line, a thin face over the above.
 
 #![deny(missing_docs)]
@@ -61,6 +63,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod mock_erp;
 pub mod nats;
+pub mod outbox;
 pub mod publish;
 pub mod records;
 pub mod retry;

@@ -92,6 +92,7 @@ struct Inner {
     handler_ack_pending: Family<HandlerOnly, Gauge>,
     handler_redelivered: Family<HandlerOnly, Gauge>,
     activation_failures: Family<HandlerOnly, Counter>,
+    outbox: crate::outbox::metrics::OutboxMetrics,
 }
 
 impl Default for Metrics {
@@ -206,6 +207,7 @@ impl Default for Metrics {
             "Webhook requests being handled now",
             in_flight.clone(),
         );
+        let outbox = crate::outbox::metrics::OutboxMetrics::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -226,6 +228,7 @@ impl Default for Metrics {
                 handler_ack_pending,
                 handler_redelivered,
                 activation_failures,
+                outbox,
             }),
         }
     }
@@ -367,6 +370,11 @@ impl Metrics {
                 .get_or_create(&label(version))
                 .set(1);
         }
+    }
+
+    /// The outbox relays' metrics.
+    pub fn outbox(&self) -> &crate::outbox::metrics::OutboxMetrics {
+        &self.inner.outbox
     }
 
     /// The Prometheus text exposition.

@@ -23,6 +23,7 @@ use crate::ingress::{self, Ingress};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::nats::{self, Patience};
+use crate::outbox;
 use crate::publish::Publisher;
 use crate::runtime::{Prepared, Runtime, RuntimeError};
 use crate::streams::{self, Mode, StreamsError};
@@ -156,17 +157,20 @@ pub async fn run(
 
     let client = nats::connect(&config.nats, "hookmesh", Patience::Background).await?;
     let metrics = Metrics::default();
+    let publisher = Publisher::new(
+        client.clone(),
+        config.ingest.partitions,
+        config.ingest.publish_timeout,
+    );
+    let outbox = outbox::Health::default();
     let ingress = Arc::new(Ingress {
-        publisher: Publisher::new(
-            client.clone(),
-            config.ingest.partitions,
-            config.ingest.publish_timeout,
-        ),
+        publisher: publisher.clone(),
         client: client.clone(),
         metrics: metrics.clone(),
         max_body_bytes: config.http.max_body_bytes,
         retry_after: config.ingest.retry_after,
         providers: config.providers.clone(),
+        outbox: outbox.clone(),
     });
     let app = ingress::router(ingress);
     let address = listeners.webhook.local_addr()?;
@@ -175,6 +179,7 @@ pub async fn run(
         client: client.clone(),
         metrics: metrics.clone(),
         token: config.admin.token.clone(),
+        outbox: outbox.clone(),
     }));
     let admin_address = listeners.admin.local_addr()?;
     info!(
@@ -187,6 +192,17 @@ pub async fn run(
     let admin = axum::serve(listeners.admin, admin).with_graceful_shutdown(shutdown);
     let http = async { tokio::try_join!(webhook.into_future(), admin.into_future()).map(drop) };
 
+    let relays = (config.outbox.iter())
+        .map(|entry| {
+            outbox::Relay::new(
+                entry.clone(),
+                publisher.clone(),
+                config.ingest.duplicate_window,
+                metrics.outbox().clone(),
+                outbox.clone(),
+            )
+        })
+        .collect();
     let (stop, stopped) = watch::channel(false);
     let workers = Arc::new(Mutex::new(JoinSet::new()));
     let background = start_background(Background {
@@ -198,6 +214,7 @@ pub async fn run(
         metrics,
         stopped,
         workers: workers.clone(),
+        relays,
     });
     let result = tokio::select! {
         served = http => served.map_err(ServeError::Http),
@@ -232,6 +249,8 @@ struct Background {
     metrics: Metrics,
     stopped: watch::Receiver<bool>,
     workers: Workers,
+    /// The outbox relays, started once the streams they store into exist.
+    relays: Vec<outbox::Relay>,
 }
 
 /// The background tasks `run` waits for on shutdown. A std `Mutex`: it is
@@ -281,6 +300,9 @@ async fn start_background(bg: Background) -> ServeError {
             bg.metrics.clone(),
             bg.stopped.clone(),
         ));
+        for relay in bg.relays {
+            workers.spawn(relay.run(bg.stopped.clone()));
+        }
     }
     let services = match NatsServices::open(&js).await {
         Ok(services) => services,

@@ -1,7 +1,9 @@
 //! End-to-end tests: a real nats-server per test, the real host, real HTTP.
 //!
 //! The suite runs once against the machine's nats-server and once against a
-//! pinned current release (`NATS_SERVER_BIN`); see `scripts/test.sh`.
+//! pinned current release (`NATS_SERVER_BIN`); see `scripts/test.sh`. The
+//! `outbox::` tests (which also need PostgreSQL) do not depend on the
+//! server's version and run in the first pass only.
 
 mod support;
 
@@ -15,6 +17,7 @@ mod observe;
 mod ordering;
 mod outage;
 mod outbound;
+mod outbox;
 mod ownership;
 mod processes;
 mod runtime;

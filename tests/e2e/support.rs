@@ -33,6 +33,8 @@ pub struct Options {
     pub handlers: Vec<hookmesh::manifest::Manifest>,
     /// `admin.token` (unset: the admin listener only reads).
     pub admin_token: Option<String>,
+    /// More TOML appended to the config (e.g. `[[outbox]]` entries).
+    pub extra_toml: String,
 }
 
 impl Default for Options {
@@ -45,6 +47,7 @@ impl Default for Options {
             partitions: 16,
             handlers: Vec::new(),
             admin_token: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -60,6 +63,7 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         partitions,
         handlers: _,
         admin_token,
+        extra_toml,
     } = options;
     let token = admin_token
         .as_ref()
@@ -113,6 +117,8 @@ secrets = ["shpss_test_secret"]
 event_id = "header:X-Shopify-Webhook-Id"
 event_type = "header:X-Shopify-Topic"
 entity_id = "json:/id"
+
+{extra_toml}
 "#
     )
 }

@@ -32,6 +32,8 @@ pub struct Admin {
     pub metrics: Metrics,
     /// `[admin] token`; without one nothing can change state here.
     pub token: Option<Redacted>,
+    /// Whether the outbox relays reach their databases (readiness).
+    pub outbox: crate::outbox::Health,
 }
 
 /// The admin listener's routes.
@@ -45,7 +47,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
-    crate::ingress::readiness(&admin.client).await
+    crate::ingress::readiness(&admin.client, &admin.outbox).await
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {

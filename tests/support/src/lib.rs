@@ -1,4 +1,5 @@
-//! Real `nats-server` processes for hookmesh's tests and benchmarks.
+//! Real `nats-server` processes for hookmesh's tests and benchmarks (and,
+//! in [`postgres`], real PostgreSQL databases).
 //!
 //! Every [`NatsServer`] is its own `nats-server -js` child process with a
 //! port chosen by the server itself (`-p -1`, so there is no bind-then-release
@@ -9,6 +10,10 @@
 //! The binary is `$NATS_SERVER_BIN` when set, else `/usr/sbin/nats-server`,
 //! else `nats-server` on `PATH`; the test scripts point `NATS_SERVER_BIN` at a
 //! pinned upstream release to run the suite against a second server version.
+
+pub mod postgres;
+
+pub use postgres::TestDatabase;
 
 use std::fs;
 use std::io;
