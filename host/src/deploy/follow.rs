@@ -40,13 +40,28 @@ const PREPARE_TRIES: usize = 5;
 /// Why a version could not be prepared.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    /// NATS failed (fetching, updating consumers): worth another try.
-    #[error("{0}")]
-    Nats(String),
-    /// The component is refused here (does not compile or start, or its
-    /// bytes do not match the digest).
-    #[error("{0}")]
-    Refused(String),
+    /// Fetching the component failed: worth another try.
+    #[error(transparent)]
+    Fetch(super::DeployError),
+    /// Creating or updating a consumer failed: worth another try.
+    #[error(transparent)]
+    Consumer(crate::dispatch::DispatchError),
+    /// The stored manifest is invalid.
+    #[error("manifest: {0}")]
+    Manifest(#[source] crate::manifest::InvalidValue),
+    /// The component's bytes do not match the digest.
+    #[error(transparent)]
+    Corrupt(super::DeployError),
+    /// The component does not compile or start here.
+    #[error(transparent)]
+    Runtime(crate::runtime::RuntimeError),
+}
+
+impl Failure {
+    /// Whether NATS, not the component, failed (another try may succeed).
+    fn is_transient(&self) -> bool {
+        matches!(self, Failure::Fetch(_) | Failure::Consumer(_))
+    }
 }
 
 /// A handler running on this host.
@@ -185,7 +200,7 @@ impl Follower {
                     .running
                     .get(&name)
                     .map(|r| r.slot.current().version.clone());
-                record.error = Some(error);
+                record.error = Some(error.to_string());
                 if let Err(error) = audit::write(&self.js, &record).await {
                     warn!(%error, "activation failure not audited");
                 }
@@ -216,21 +231,19 @@ impl Follower {
         &self,
         store: &HandlerStore,
         deployment: &Deployment,
-    ) -> Result<Arc<Prepared>, String> {
+    ) -> Result<Arc<Prepared>, Failure> {
         let mut pause = Duration::from_millis(200);
         for _ in 1..PREPARE_TRIES {
             match self.prepare(store, deployment).await {
-                Err(Failure::Nats(error)) => {
+                Err(error) if error.is_transient() => {
                     warn!(%error, retry_in = ?pause, "version not ready on this host yet");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                other => return other.map_err(|f| f.to_string()),
+                other => return other,
             }
         }
-        self.prepare(store, deployment)
-            .await
-            .map_err(|f| f.to_string())
+        self.prepare(store, deployment).await
     }
 
     /// Fetches, compiles (or loads from the cache) and starts a deployment
@@ -242,16 +255,13 @@ impl Follower {
     ) -> Result<Arc<Prepared>, Failure> {
         // Written by hookmesh deploy, but read from a bucket anyone with
         // the permissions can write to.
-        deployment
-            .manifest
-            .validate()
-            .map_err(|e| Failure::Refused(format!("manifest: {e}")))?;
+        deployment.manifest.validate().map_err(Failure::Manifest)?;
         let bytes = store
             .fetch_component(&deployment.digest)
             .await
             .map_err(|e| match e {
-                super::DeployError::DigestMismatch { .. } => Failure::Refused(e.to_string()),
-                other => Failure::Nats(other.to_string()),
+                super::DeployError::DigestMismatch { .. } => Failure::Corrupt(e),
+                other => Failure::Fetch(other),
             })?;
         let prepared = self
             .dispatch
@@ -262,14 +272,14 @@ impl Follower {
                 Some(deployment.version.clone()),
             )
             .await
-            .map_err(|e| Failure::Refused(e.to_string()))?;
+            .map_err(Failure::Runtime)?;
         // A changed filter, max_deliver or ack_wait applies from the next
         // delivery on; the partition workers keep their pulls.
         for partition in 0..self.dispatch.partitions() {
             self.dispatch
                 .ensure_consumer(&prepared.manifest, partition)
                 .await
-                .map_err(|e| Failure::Nats(e.to_string()))?;
+                .map_err(Failure::Consumer)?;
         }
         Ok(prepared)
     }

@@ -138,7 +138,9 @@ pub fn validate(runtime: &Runtime, bytes: &[u8]) -> Result<Validated, DeployErro
     kind_of(bytes)?;
     let started = Instant::now();
     let compiled = runtime.compile(bytes).map_err(|e| match e {
-        RuntimeError::Invalid { reason, .. } => DeployError::Malformed(first_line(&reason)),
+        RuntimeError::Invalid { source, .. } => {
+            DeployError::Malformed(first_line(&format!("{source:#}")))
+        }
         other => DeployError::Engine(other.to_string()),
     })?;
     tracing::debug!(elapsed = ?started.elapsed(), "component compiled for validation");
@@ -229,12 +231,17 @@ pub async fn check_starts(
         .await
     {
         Ok(_) => Ok(()),
-        Err(RuntimeError::Instantiation { reason, .. }) => {
-            Err(DeployError::DoesNotStart(trap_summary(&reason)))
+        Err(RuntimeError::Instantiation { source, .. }) => Err(DeployError::DoesNotStart(
+            trap_summary(&format!("{source:#}")),
+        )),
+        Err(RuntimeError::Invalid { source, .. }) => {
+            Err(DeployError::NotAHandler(vec![first_line(&format!(
+                "{source:#}"
+            ))]))
         }
-        Err(RuntimeError::Invalid { reason, .. }) => {
-            Err(DeployError::NotAHandler(vec![first_line(&reason)]))
-        }
+        Err(RuntimeError::Grant { source, .. }) => Err(DeployError::NotAHandler(vec![format!(
+            "manifest: {source}"
+        )])),
         Err(RuntimeError::TooMuchMemory { requested, .. }) => Err(DeployError::Manifest(
             crate::manifest::ManifestError::Invalid {
                 origin: "manifest".into(),

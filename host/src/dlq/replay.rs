@@ -42,12 +42,15 @@ pub struct ReplayRequest {
 
 impl ReplayRequest {
     /// Reads a request message.
-    pub fn from_message(message: &async_nats::Message) -> Result<Self, String> {
-        let headers = message.headers.as_ref().ok_or("no headers")?;
+    pub fn from_message(message: &async_nats::Message) -> Result<Self, MalformedRequest> {
+        let headers = message
+            .headers
+            .as_ref()
+            .ok_or(MalformedRequest::NoHeaders)?;
         let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
         let dlq_seq = get(SEQ_HEADER)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("{SEQ_HEADER} missing or not a number"))?;
+            .ok_or(MalformedRequest::NoSequence)?;
         Ok(ReplayRequest {
             dlq_seq,
             actor: get(ACTOR_HEADER).unwrap_or_else(|| "unknown".into()),
@@ -55,6 +58,17 @@ impl ReplayRequest {
                 .then(|| message.payload.clone()),
         })
     }
+}
+
+/// Why a replay request cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedRequest {
+    /// The message carries no headers at all.
+    #[error("no headers")]
+    NoHeaders,
+    /// The entry's sequence is missing or not a number.
+    #[error("{SEQ_HEADER} missing or not a number")]
+    NoSequence,
 }
 
 /// How a replay ended.

@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
+use async_nats::jetstream::{
+    self, ErrorCode,
+    stream::{DeleteMessageErrorKind, LastRawMessageErrorKind},
+};
 use futures::TryStreamExt;
 
 use super::{DLQ_STREAM, DeadLetter, DlqError};
@@ -95,7 +98,18 @@ pub async fn delete(js: &jetstream::Context, seq: u64) -> Result<bool, DlqError>
     let stream = stream(js).await?;
     match stream.delete_message(seq).await {
         Ok(deleted) => Ok(deleted),
-        Err(e) if e.to_string().contains("no message found") => Ok(false),
+        // The server answers a missing message with the same error code as
+        // any other failed delete; whether the message is still there
+        // tells the two apart without reading the error's text.
+        Err(e)
+            if matches!(e.kind(), DeleteMessageErrorKind::JetStream(ref js_error)
+            if js_error.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED) =>
+        {
+            match stream.get_raw_message(seq).await {
+                Err(gone) if gone.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+                _ => Err(DlqError::nats(format!("{DLQ_STREAM} delete {seq}"), e)),
+            }
+        }
         Err(e) => Err(DlqError::nats(format!("{DLQ_STREAM} delete {seq}"), e)),
     }
 }

@@ -35,7 +35,7 @@ impl ArtifactCache {
     /// Loads the artifact for `digest`, or compiles `bytes` and stores it.
     /// A cache that cannot be written is not an error: the component is
     /// compiled in memory.
-    pub fn load_or_compile(&self, digest: &str, bytes: &[u8]) -> Result<Component, String> {
+    pub fn load_or_compile(&self, digest: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
         let path = self.dir.join(format!("{digest}.cwasm"));
         if path.is_file() {
             // SAFETY: the file was written by `serialize` of this same
@@ -48,19 +48,31 @@ impl ArtifactCache {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
+        let component = Component::new(&self.engine, bytes)?;
         if let Err(error) = self.store(&path, &component) {
             tracing::warn!(path = %path.display(), %error, "cannot cache the compiled component");
         }
         Ok(component)
     }
 
-    fn store(&self, path: &std::path::Path, component: &Component) -> Result<(), String> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
-        let bytes = component.serialize().map_err(|e| format!("{e:#}"))?;
+    fn store(&self, path: &std::path::Path, component: &Component) -> Result<(), StoreError> {
+        std::fs::create_dir_all(&self.dir)?;
+        let bytes = component.serialize().map_err(StoreError::Serialize)?;
         // Write then rename, so a concurrent reader never maps half a file.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
     }
+}
+
+/// Why an artifact could not be cached (the component still runs).
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    /// The cache directory cannot be written.
+    #[error("writing the artifact: {0}")]
+    Io(#[from] std::io::Error),
+    /// wasmtime could not serialise the compiled component.
+    #[error("serialising the artifact: {0:#}")]
+    Serialize(#[source] wasmtime::Error),
 }
