@@ -24,6 +24,7 @@ use serde::Deserialize;
 use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
 
 mod outbox;
+mod outgoing;
 pub use outbox::OutboxConfig;
 
 /// The built-in development configuration used when no file is given.
@@ -202,6 +203,9 @@ pub struct Config {
     pub log: LogConfig,
     /// The PostgreSQL outbox tables relayed into `HOOK_EVENTS` (`[[outbox]]`).
     pub outbox: Vec<OutboxConfig>,
+    /// Headers the host adds to handlers' outgoing requests
+    /// (`[[outgoing.credentials]]`).
+    pub outgoing_credentials: crate::runtime::http::Credentials,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
 }
@@ -378,6 +382,7 @@ impl Config {
             providers.insert(name, provider);
         }
         let outbox = outbox::resolve_all(raw.outbox, env).map_err(|(k, m)| invalid(k, m))?;
+        let outgoing_credentials = raw.outgoing.resolve(env).map_err(|(k, m)| invalid(k, m))?;
         if raw.http.max_body_bytes.0 == 0 {
             return Err(invalid(
                 "http.max_body_bytes".into(),
@@ -401,6 +406,7 @@ impl Config {
                 format: raw.log.format,
             },
             outbox,
+            outgoing_credentials,
             warnings,
         })
     }
@@ -452,6 +458,7 @@ struct RawConfig {
     admin: RawAdmin,
     log: RawLog,
     outbox: Vec<outbox::RawOutbox>,
+    outgoing: outgoing::RawOutgoing,
 }
 
 #[derive(Debug, Deserialize)]

@@ -139,7 +139,10 @@ pub async fn run(
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let runtime = Arc::new(Runtime::new(options.cache_dir.clone())?);
+    let runtime = Arc::new(
+        Runtime::new(options.cache_dir.clone())?
+            .with_credentials(config.outgoing_credentials.clone()),
+    );
     let mut loaded = Vec::new();
     for manifest in options.handlers.clone() {
         let path = manifest.component.clone().unwrap_or_default();

@@ -262,3 +262,65 @@ async fn a_host_killed_after_the_erp_did_the_work_runs_the_event_again_with_the_
     assert_eq!(erp.erp().sales_orders().len(), 1, "one order");
     drop(second);
 }
+
+#[tokio::test]
+async fn the_operators_erp_credential_reaches_the_erp_on_the_requests_of_the_handlers_it_names_only()
+ {
+    let nats = NatsServer::start().expect("nats");
+    let erp = MockErp::start("127.0.0.1:0").await.expect("mock ERP");
+    // order-sync gets the ERP's key; return-credit-note is only named by a
+    // credential for another destination, so its requests go without one.
+    let extra_toml = format!(
+        r#"
+[[outgoing.credentials]]
+destination = "{erp}"
+header = "authorization"
+value = "Bearer sync-key"
+handlers = ["order-sync"]
+
+[[outgoing.credentials]]
+destination = "https://erp.example.com"
+header = "authorization"
+value = "Bearer elsewhere"
+handlers = ["return-credit-note"]
+"#,
+        erp = erp.url()
+    );
+    let options = Options {
+        handlers: vec![order_sync(&erp), example("return-credit-note", &erp.url())],
+        extra_toml,
+        ..Options::default()
+    };
+    let host = TestHost::start_with(&nats, options).await;
+    let js = jetstream(&nats).await;
+
+    host.send("crm", order("ORD-KEY", 1), "o-key").await;
+    wait_for(Duration::from_secs(20), "the order synced", || async {
+        messages(&js, "hook.order-sync.").await.len() == 1
+    })
+    .await;
+    host.send(
+        "crm",
+        crate::handlers::approved_return("RET-KEY", "ORD-KEY"),
+        "r-key",
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "the credit note", || async {
+        messages(&js, "hook.return-credit-note.").await.len() == 1
+    })
+    .await;
+
+    let seen = erp.erp().requests();
+    let auth_on = |path: &str| -> Vec<Option<String>> {
+        seen.iter()
+            .filter(|s| s.request.path == path)
+            .map(|s| s.request.authorization.clone())
+            .collect()
+    };
+    assert_eq!(
+        auth_on("/sales-orders"),
+        [Some("Bearer sync-key".to_string())]
+    );
+    assert_eq!(auth_on("/credit-notes"), [None]);
+    host.shutdown().await.expect("clean stop");
+}

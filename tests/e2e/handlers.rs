@@ -61,7 +61,7 @@ fn order(event_type: &str, id: &str, version: u32, terms: Option<&str>) -> Vec<u
     .expect("json")
 }
 
-fn approved_return(id: &str, order: &str) -> Vec<u8> {
+pub(crate) fn approved_return(id: &str, order: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "type": "return.approved",
         "data": {"id": id, "order_id": order, "amount": "10.00", "reason": "damaged"}

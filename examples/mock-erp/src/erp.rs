@@ -216,6 +216,9 @@ pub struct Incoming {
     pub traceparent: Option<String>,
     /// `X-Correlation-Id`.
     pub correlation_id: Option<String>,
+    /// `Authorization` (this is a development ERP: it shows what it got).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
 }
 
 /// What to do with a request before handling it.

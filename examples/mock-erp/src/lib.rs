@@ -167,6 +167,7 @@ async fn write(
         idempotency_key: header(&headers, "idempotency-key"),
         traceparent: header(&headers, "traceparent"),
         correlation_id: header(&headers, "x-correlation-id"),
+        authorization: header(&headers, "authorization"),
     };
     // Recorded when handled, before any delay: a request whose answer is
     // held back (and maybe never sent) is in the log all the same.

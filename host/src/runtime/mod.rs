@@ -65,21 +65,32 @@ pub enum RuntimeError {
     #[error("wasm engine: {0}")]
     Engine(String),
     /// The bytes are not a valid component, or it does not implement
-    /// `hookmesh:handler/handler`.
-    #[error("{handler}: not a hookmesh handler component: {reason}")]
+    /// `hookmesh:handler/handler` (wasmtime says why).
+    #[error("{handler}: not a hookmesh handler component: {source:#}")]
     Invalid {
         /// The handler.
         handler: String,
-        /// What is wrong.
-        reason: String,
+        /// What wasmtime found wrong.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The manifest grants what the host cannot honour.
+    #[error("{handler}: manifest: {source}")]
+    Grant {
+        /// The handler.
+        handler: String,
+        /// The refused grant.
+        #[source]
+        source: http::BadEntry,
     },
     /// Instantiating it traps or fails.
-    #[error("{handler}: the component fails at instantiation: {reason}")]
+    #[error("{handler}: the component fails at instantiation: {source:#}")]
     Instantiation {
         /// The handler.
         handler: String,
-        /// What happened.
-        reason: String,
+        /// The trap or link error.
+        #[source]
+        source: wasmtime::Error,
     },
     /// The manifest asks for more than the runtime allows.
     #[error("{handler}: memory = {requested} bytes is above the host limit of {MAX_MEMORY}")]
@@ -237,11 +248,11 @@ fn compile(
     engine: &Engine,
     cache: Option<&cache::ArtifactCache>,
     bytes: &[u8],
-) -> Result<Compiled, String> {
+) -> wasmtime::Result<Compiled> {
     let digest = hex::encode(Sha256::digest(bytes));
     let component = match cache {
         Some(cache) => cache.load_or_compile(&digest, bytes)?,
-        None => Component::new(engine, bytes).map_err(|e| format!("{e:#}"))?,
+        None => Component::new(engine, bytes)?,
     };
     Ok(Compiled { component, digest })
 }
@@ -262,6 +273,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<Invocation>,
     connector: Arc<http::Connector>,
+    credentials: Arc<http::Credentials>,
     cache: Option<cache::ArtifactCache>,
     ticker: Arc<AtomicBool>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -348,10 +360,18 @@ impl Runtime {
             engine,
             linker,
             connector: Arc::new(connector),
+            credentials: Arc::default(),
             cache,
             ticker,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_INSTANCES as usize)),
         })
+    }
+
+    /// This runtime, adding `credentials` to handlers' outgoing requests
+    /// (`[[outgoing.credentials]]`).
+    pub fn with_credentials(mut self, credentials: http::Credentials) -> Runtime {
+        self.credentials = Arc::new(credentials);
+        self
     }
 
     /// The engine components are compiled for (to look at a compiled
@@ -363,9 +383,9 @@ impl Runtime {
     /// Compiles `bytes` (or loads the artifact from the cache). Takes up to
     /// seconds of CPU: call it off the async workers.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, RuntimeError> {
-        compile(&self.engine, self.cache.as_ref(), bytes).map_err(|reason| RuntimeError::Invalid {
+        compile(&self.engine, self.cache.as_ref(), bytes).map_err(|source| RuntimeError::Invalid {
             handler: String::new(),
-            reason,
+            source,
         })
     }
 
@@ -395,11 +415,11 @@ impl Runtime {
         let compiled =
             tokio::task::spawn_blocking(move || compile(&engine, cache.as_ref(), &owned))
                 .await
-                .map_err(|e| format!("compiling: {e}"))
+                .map_err(wasmtime::Error::new)
                 .and_then(|compiled| compiled)
-                .map_err(|reason| RuntimeError::Invalid {
+                .map_err(|source| RuntimeError::Invalid {
                     handler: handler.clone(),
-                    reason,
+                    source,
                 })?;
         self.prepare_compiled(manifest, compiled, version).await
     }
@@ -415,28 +435,27 @@ impl Runtime {
     ) -> Result<Arc<Prepared>, RuntimeError> {
         check_memory(&manifest)?;
         let handler = manifest.name.clone();
-        let invalid = |reason: String| RuntimeError::Invalid {
+        let invalid = |source: wasmtime::Error| RuntimeError::Invalid {
             handler: handler.clone(),
-            reason,
+            source,
         };
-        let grant = http::Grant::of(&manifest)
-            .map_err(|e| invalid(format!("manifest: allowed_hosts: {e}")))?;
+        let grant = http::Grant::of(&manifest).map_err(|source| RuntimeError::Grant {
+            handler: handler.clone(),
+            source,
+        })?;
         let Compiled { component, digest } = compiled;
         let imports_http = component
             .component_type()
             .imports(&self.engine)
             .any(|(name, _)| name.starts_with("wasi:http/outgoing-handler@"));
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| invalid(format!("{e:#}")))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
         // The export's shape tells the versions apart (0.2.0's `transient`
         // carries a record, 0.1.0's a string).
         let pre = match v0_2::HandlerPre::new(pre.clone()) {
             Ok(pre) => Pre::V0_2(pre),
             Err(newest) => match v0_1::HandlerPre::new(pre) {
                 Ok(pre) => Pre::V0_1(pre),
-                Err(_) => return Err(invalid(format!("{newest:#}"))),
+                Err(_) => return Err(invalid(newest)),
             },
         };
         if imports_http && grant.hosts.is_empty() {
@@ -460,9 +479,9 @@ impl Runtime {
             Pre::V0_2(pre) => pre.instantiate_async(&mut store).await.map(drop),
             Pre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(drop),
         };
-        started.map_err(|e| RuntimeError::Instantiation {
+        started.map_err(|source| RuntimeError::Instantiation {
             handler: handler.clone(),
-            reason: format!("{e:#}"),
+            source,
         })?;
         Ok(Arc::new(prepared))
     }
@@ -479,6 +498,7 @@ impl Runtime {
         let outbound = http::Outbound::new(
             prepared.grant.clone(),
             self.connector.clone(),
+            self.credentials.clone(),
             Arc::new(origin),
             started,
             manifest.timeout,

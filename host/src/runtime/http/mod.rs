@@ -11,6 +11,8 @@
 //!   (n = the request's index within the invocation, so the same on every
 //!   retry and replay; a key the guest set is kept), `traceparent` (a
 //!   child of the event's trace) and `X-Correlation-Id`;
+//! - the host adds the operator's credentials for the destination
+//!   (`[[outgoing.credentials]]`), which guests never see;
 //! - the host resolves and connects itself ([`connect`]): a name that
 //!   resolves to a link-local address is refused unless the manifest lists
 //!   that address;
@@ -23,6 +25,7 @@
 
 mod allow;
 mod connect;
+mod credentials;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -33,6 +36,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 pub use allow::{AllowedHosts, BadEntry, Destination, Scheme, is_link_local};
 pub use connect::{Connector, Resolve, SystemResolver};
+pub use credentials::{Credential, Credentials};
 
 use crate::manifest::Manifest;
 use connect::{ConnectError, Timeouts};
@@ -94,6 +98,7 @@ pub struct Origin {
 pub struct Outbound {
     grant: Arc<Grant>,
     connector: Arc<Connector>,
+    credentials: Arc<Credentials>,
     origin: Arc<Origin>,
     /// When HTTP has to be done, leaving the guest time to return.
     deadline: Instant,
@@ -106,6 +111,7 @@ impl Outbound {
     pub fn new(
         grant: Arc<Grant>,
         connector: Arc<Connector>,
+        credentials: Arc<Credentials>,
         origin: Arc<Origin>,
         started: Instant,
         timeout: Duration,
@@ -114,6 +120,7 @@ impl Outbound {
         Outbound {
             grant,
             connector,
+            credentials,
             origin,
             deadline: started + timeout.saturating_sub(room),
             sent: 0,
@@ -190,8 +197,14 @@ impl WasiHttpHooks for Outbound {
             );
             return refuse(request, Error::HttpRequestDenied);
         };
-        debug!(handler = %origin.handler, %url, allowed_by = %entry, index, "outgoing HTTP request");
         add_headers(&mut request, &origin, index);
+        let credentials = self
+            .credentials
+            .apply(&origin.handler, &to, request.headers_mut());
+        debug!(
+            handler = %origin.handler, %url, allowed_by = %entry, index,
+            credentials = ?credentials, "outgoing HTTP request"
+        );
         let timeouts = self.timeouts(options);
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let (grant, connector) = (self.grant.clone(), self.connector.clone());
@@ -380,6 +393,7 @@ mod tests {
         let outbound = Outbound::new(
             Arc::default(),
             Arc::new(Connector::new(Arc::new(SystemResolver)).expect("tls")),
+            Arc::default(),
             Arc::default(),
             Instant::now(),
             Duration::from_secs(2),
