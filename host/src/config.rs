@@ -25,6 +25,8 @@ use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
 
 mod outbox;
 pub use outbox::OutboxConfig;
+mod telemetry;
+pub use telemetry::TelemetryConfig;
 
 /// The built-in development configuration used when no file is given.
 pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
@@ -202,6 +204,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The PostgreSQL outbox tables relayed into `HOOK_EVENTS` (`[[outbox]]`).
     pub outbox: Vec<OutboxConfig>,
+    /// Traces over OTLP (`[telemetry]`).
+    pub telemetry: TelemetryConfig,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
 }
@@ -378,6 +382,7 @@ impl Config {
             providers.insert(name, provider);
         }
         let outbox = outbox::resolve_all(raw.outbox, env).map_err(|(k, m)| invalid(k, m))?;
+        let telemetry = raw.telemetry.resolve(env).map_err(|(k, m)| invalid(k, m))?;
         if raw.http.max_body_bytes.0 == 0 {
             return Err(invalid(
                 "http.max_body_bytes".into(),
@@ -401,6 +406,7 @@ impl Config {
                 format: raw.log.format,
             },
             outbox,
+            telemetry,
             warnings,
         })
     }
@@ -452,6 +458,7 @@ struct RawConfig {
     admin: RawAdmin,
     log: RawLog,
     outbox: Vec<outbox::RawOutbox>,
+    telemetry: telemetry::RawTelemetry,
 }
 
 #[derive(Debug, Deserialize)]
@@ -969,7 +976,7 @@ fn apply_env_overrides(
             .ok_or_else(|| fail("expected HOOKMESH_<SECTION>_<KEY>".into()))?;
         let value = env_value(value).map_err(fail)?;
         match section {
-            "nats" | "http" | "ingest" | "operator" | "admin" | "log" => {
+            "nats" | "http" | "ingest" | "operator" | "admin" | "log" | "telemetry" => {
                 section_table(table, section)
                     .map_err(&fail)?
                     .insert(key.to_string(), value);
