@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
-use axum::routing::post;
+
 use bytes::Bytes;
 use hookmesh_mock_erp::{Fault, MockErp};
 use hookmesh_test_support::NatsServer;
@@ -102,7 +102,7 @@ impl Receiver {
     async fn start() -> Receiver {
         let spans: Arc<Mutex<Vec<Received>>> = Arc::default();
         let app = axum::Router::new()
-            .route("/v1/traces", post(collect))
+            .route("/v1/traces", axum::routing::post(collect))
             .with_state(spans.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
