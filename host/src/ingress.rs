@@ -22,9 +22,9 @@ use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::config::Provider;
 use crate::extract::{ExtractError, extract, idempotency_key};
+use crate::headers::TRACEPARENT;
 use crate::metrics::Metrics;
 use crate::publish::{Inbound, Publisher, Receipt, Stored};
-use crate::headers::TRACEPARENT;
 use crate::streams;
 use crate::telemetry::{self, KeyValue, SpanKind, Trace, names};
 
@@ -208,21 +208,16 @@ fn request_span(headers: &HeaderMap, provider: &str, correlation_id: &str) -> Tr
         return Trace::off();
     }
     let given = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
-    Trace::start(
-        "POST /webhooks/{provider}",
-        SpanKind::Server,
-        given,
-        || {
-            let provider = telemetry::clip(provider, 64);
-            vec![
-                KeyValue::new("http.request.method", "POST"),
-                KeyValue::new("http.route", "/webhooks/{provider}"),
-                KeyValue::new("url.path", format!("/webhooks/{provider}")),
-                KeyValue::new("hookmesh.provider", provider),
-                KeyValue::new("hookmesh.correlation_id", correlation_id.to_string()),
-            ]
-        },
-    )
+    Trace::start("POST /webhooks/{provider}", SpanKind::Server, given, || {
+        let provider = telemetry::clip(provider, 64);
+        vec![
+            KeyValue::new("http.request.method", "POST"),
+            KeyValue::new("http.route", "/webhooks/{provider}"),
+            KeyValue::new("url.path", format!("/webhooks/{provider}")),
+            KeyValue::new("hookmesh.provider", provider),
+            KeyValue::new("hookmesh.correlation_id", correlation_id.to_string()),
+        ]
+    })
 }
 
 /// The producer span of storing an event: its `traceparent` is what the

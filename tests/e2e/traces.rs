@@ -238,11 +238,15 @@ async fn one_webhook_is_one_trace_through_handlers_emits_and_outgoing_http() {
 
     // Everything has arrived once the second handler's second client span
     // (the ERP's 201) and its invocation have.
-    wait_for(Duration::from_secs(60), "the whole trace exported", || async {
-        let spans = receiver.trace(GIVEN_TRACE);
-        let count = |name: &str| spans.iter().filter(|s| s.span.name == name).count();
-        count("invoke trace-second") == 2 && count("POST") == 2
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the whole trace exported",
+        || async {
+            let spans = receiver.trace(GIVEN_TRACE);
+            let count = |name: &str| spans.iter().filter(|s| s.span.name == name).count();
+            count("invoke trace-second") == 2 && count("POST") == 2
+        },
+    )
     .await;
     let spans = receiver.trace(GIVEN_TRACE);
 
@@ -282,19 +286,17 @@ async fn one_webhook_is_one_trace_through_handlers_emits_and_outgoing_http() {
     assert_eq!(first.text("hookmesh.handler"), "trace-first");
     assert!(!first.text("hookmesh.handler.version").is_empty());
     assert!(
-        first.text("hookmesh.subject").starts_with("hook.crm.order."),
+        first
+            .text("hookmesh.subject")
+            .starts_with("hook.crm.order."),
         "{first:?}"
     );
     assert_eq!(first.int("hookmesh.stream_seq"), stream_seq as i64);
     assert_eq!(first.int("hookmesh.attempt"), 1);
     assert_eq!(first.text("hookmesh.outcome"), "ok");
     assert!(
-        first
-            .span
-            .events
-            .iter()
-            .any(|e| e.name == "made 0 requests"
-                && attribute(&e.attributes, "level") == Some(json!("INFO"))),
+        first.span.events.iter().any(|e| e.name == "made 0 requests"
+            && attribute(&e.attributes, "level") == Some(json!("INFO"))),
         "the guest's log line is a span event: {:?}",
         first.span.events
     );
@@ -323,7 +325,10 @@ async fn one_webhook_is_one_trace_through_handlers_emits_and_outgoing_http() {
     for (attempt, run) in second.iter().enumerate() {
         assert_eq!(run.parent(), emitted.span_id(), "attempt {}", attempt + 1);
         assert_eq!(run.int("hookmesh.attempt"), attempt as i64 + 1);
-        assert!(run.text("hookmesh.subject").starts_with("hook.trace-first."));
+        assert!(
+            run.text("hookmesh.subject")
+                .starts_with("hook.trace-first.")
+        );
     }
     assert_eq!(second[0].text("hookmesh.outcome"), "transient");
     assert!(second[0].failed());
@@ -355,11 +360,16 @@ async fn one_webhook_is_one_trace_through_handlers_emits_and_outgoing_http() {
         .send("crm", order_payload("ORD-T2", None), "msg_t2")
         .await;
     assert_eq!(answer.status, 202, "{:?}", answer.json);
-    wait_for(Duration::from_secs(60), "the second trace exported", || async {
-        receiver.all().iter().any(|s| {
-            s.span.name == "invoke trace-first" && s.trace_id() != GIVEN_TRACE
-        })
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the second trace exported",
+        || async {
+            receiver
+                .all()
+                .iter()
+                .any(|s| s.span.name == "invoke trace-first" && s.trace_id() != GIVEN_TRACE)
+        },
+    )
     .await;
     let all = receiver.all();
     let root = all

@@ -59,7 +59,9 @@ impl RawTelemetry {
     pub(super) fn resolve(self, env: &Env) -> Result<TelemetryConfig, KeyError> {
         let configured = self.otlp_endpoint.filter(|e| !e.trim().is_empty());
         let endpoint = match configured {
-            Some(base) => Some(traces_url(&base).map_err(|m| ("telemetry.otlp_endpoint".into(), m))?),
+            Some(base) => {
+                Some(traces_url(&base).map_err(|m| ("telemetry.otlp_endpoint".into(), m))?)
+            }
             None => from_env(env)?,
         };
         let disabled = env
@@ -77,7 +79,9 @@ impl RawTelemetry {
                 format!("attribute name {key:?} is empty"),
             ));
         }
-        let export_interval = self.export_interval.map_or(DEFAULT_EXPORT_INTERVAL, |h| h.0);
+        let export_interval = self
+            .export_interval
+            .map_or(DEFAULT_EXPORT_INTERVAL, |h| h.0);
         if export_interval.is_zero() {
             return Err((
                 "telemetry.export_interval".into(),
@@ -190,11 +194,17 @@ mod tests {
             "",
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
-                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4318/in"),
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://traces:4318/in",
+                ),
             ],
         )
         .expect("valid");
-        assert_eq!(whole.otlp_endpoint.as_deref(), Some("http://traces:4318/in"));
+        assert_eq!(
+            whole.otlp_endpoint.as_deref(),
+            Some("http://traces:4318/in")
+        );
         let disabled = resolve(
             "otlp_endpoint = \"http://127.0.0.1:4318\"",
             &[("OTEL_SDK_DISABLED", "true")],

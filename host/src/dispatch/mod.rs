@@ -427,12 +427,16 @@ impl Dispatch {
             .invoke_traced(prepared, input, self.services.clone(), &trace)
             .await;
         let label = verdict_label(&invoked.verdict);
-        self.metrics
-            .invoked(&manifest.name, label, invoked.elapsed);
+        self.metrics.invoked(&manifest.name, label, invoked.elapsed);
         let result = self
             .settle_verdict(manifest, &source, invoked, &trace)
             .await;
-        trace.set(|| vec![KeyValue::new("hookmesh.outcome", outcome_label(label, &result))]);
+        trace.set(|| {
+            vec![KeyValue::new(
+                "hookmesh.outcome",
+                outcome_label(label, &result),
+            )]
+        });
         if let Err(failed) = &result {
             trace.fail(|| telemetry::clip(&failed.error, 1024));
         }
@@ -579,7 +583,10 @@ fn invocation_span(
                 KeyValue::new("hookmesh.handler", manifest.name.clone()),
                 KeyValue::new("hookmesh.handler.version", prepared.version.clone()),
                 KeyValue::new("hookmesh.subject", input.subject.clone()),
-                KeyValue::new("hookmesh.stream_seq", i64::try_from(stream_seq).unwrap_or(i64::MAX)),
+                KeyValue::new(
+                    "hookmesh.stream_seq",
+                    i64::try_from(stream_seq).unwrap_or(i64::MAX),
+                ),
                 KeyValue::new("hookmesh.attempt", i64::from(input.attempt)),
                 KeyValue::new("hookmesh.correlation_id", input.correlation_id.clone()),
                 KeyValue::new("hookmesh.idempotency_key", input.idempotency_key.clone()),

@@ -117,7 +117,12 @@ impl Invocation {
         check_key(key)?;
         let span = self.host_call(names::STATE_GET, || vec![state_key(key)]);
         let got = self.services.state_get(&self.manifest.name, key).await;
-        span.set(|| vec![KeyValue::new("hookmesh.state.found", matches!(got, Ok(Some(_))))]);
+        span.set(|| {
+            vec![KeyValue::new(
+                "hookmesh.state.found",
+                matches!(got, Ok(Some(_))),
+            )]
+        });
         span.end_with(&got);
         got
     }
@@ -142,7 +147,10 @@ impl Invocation {
             )));
         }
         let span = self.host_call(names::STATE_PUT, || {
-            vec![state_key(key), KeyValue::new("hookmesh.state.bytes", value.len() as i64)]
+            vec![
+                state_key(key),
+                KeyValue::new("hookmesh.state.bytes", value.len() as i64),
+            ]
         });
         let put = self
             .services
@@ -177,7 +185,10 @@ impl Invocation {
             vec![
                 KeyValue::new("hookmesh.mapping.system", clip(system, MAX_ATTRIBUTE_BYTES)),
                 KeyValue::new("hookmesh.mapping.id", clip(id, MAX_ATTRIBUTE_BYTES)),
-                KeyValue::new("hookmesh.mapping.other_system", clip(other_system, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new(
+                    "hookmesh.mapping.other_system",
+                    clip(other_system, MAX_ATTRIBUTE_BYTES),
+                ),
             ]
         });
         let linked = self
@@ -201,11 +212,19 @@ impl Invocation {
             vec![
                 KeyValue::new("hookmesh.mapping.system", clip(system, MAX_ATTRIBUTE_BYTES)),
                 KeyValue::new("hookmesh.mapping.id", clip(id, MAX_ATTRIBUTE_BYTES)),
-                KeyValue::new("hookmesh.mapping.other_system", clip(other_system, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new(
+                    "hookmesh.mapping.other_system",
+                    clip(other_system, MAX_ATTRIBUTE_BYTES),
+                ),
             ]
         });
         let found = self.services.mapping_lookup(system, id, other_system).await;
-        span.set(|| vec![KeyValue::new("hookmesh.mapping.found", matches!(found, Ok(Some(_))))]);
+        span.set(|| {
+            vec![KeyValue::new(
+                "hookmesh.mapping.found",
+                matches!(found, Ok(Some(_))),
+            )]
+        });
         span.end_with(&found);
         found
     }
@@ -236,7 +255,10 @@ impl Invocation {
         };
         let span = self.host_call(names::EMIT, || {
             vec![
-                KeyValue::new("hookmesh.event_type", clip(&event_type, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new(
+                    "hookmesh.event_type",
+                    clip(&event_type, MAX_ATTRIBUTE_BYTES),
+                ),
                 KeyValue::new("hookmesh.entity", clip(&entity_id, MAX_ATTRIBUTE_BYTES)),
                 KeyValue::new("hookmesh.emit.index", self.emits.len() as i64),
             ]

@@ -87,11 +87,7 @@ impl Trace {
     }
 
     /// Adds an event (a log line) to the span.
-    pub fn event(
-        &self,
-        name: impl FnOnce() -> String,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
-    ) {
+    pub fn event(&self, name: impl FnOnce() -> String, attributes: impl FnOnce() -> Vec<KeyValue>) {
         if let Some(context) = &self.0 {
             context.span().add_event(name(), attributes());
         }

@@ -215,12 +215,19 @@ impl WasiHttpHooks for Outbound {
             match &outcome {
                 Ok((response, _)) => {
                     let status = response.status().as_u16();
-                    span.set(|| vec![KeyValue::new("http.response.status_code", i64::from(status))]);
+                    span.set(|| {
+                        vec![KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(status),
+                        )]
+                    });
                     if status >= 400 {
                         span.fail(|| format!("HTTP {status}"));
                     }
                 }
-                Err(ConnectError::LinkLocal(_)) => span.fail(|| "denied: link-local address".into()),
+                Err(ConnectError::LinkLocal(_)) => {
+                    span.fail(|| "denied: link-local address".into())
+                }
                 Err(ConnectError::Failed(error)) => span.fail(|| error.to_string()),
             }
             span.end();
