@@ -27,7 +27,7 @@ pub use span::Trace;
 /// The span names hookmesh writes (DESIGN.md, "Telemetry"; documented in
 /// `docs/telemetry.md`).
 pub mod names {
-    /// An outbox row relayed into `HOOK_EVENTS`, and any store into it.
+    /// Storing an event into `HOOK_EVENTS`: a webhook, an emit, an outbox row.
     pub const PUBLISH: &str = "publish HOOK_EVENTS";
     /// `hookmesh:handler/state.get`.
     pub const STATE_GET: &str = "state.get";
