@@ -26,6 +26,8 @@ use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
 mod outbox;
 mod outgoing;
 pub use outbox::OutboxConfig;
+mod telemetry;
+pub use telemetry::TelemetryConfig;
 
 /// The built-in development configuration used when no file is given.
 pub const DEV_CONFIG: &str = include_str!("../config/dev.toml");
@@ -206,6 +208,8 @@ pub struct Config {
     /// Headers the host adds to handlers' outgoing requests
     /// (`[[outgoing.credentials]]`).
     pub outgoing_credentials: crate::runtime::http::Credentials,
+    /// Traces over OTLP (`[telemetry]`).
+    pub telemetry: TelemetryConfig,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
 }
@@ -383,6 +387,7 @@ impl Config {
         }
         let outbox = outbox::resolve_all(raw.outbox, env).map_err(|(k, m)| invalid(k, m))?;
         let outgoing_credentials = raw.outgoing.resolve(env).map_err(|(k, m)| invalid(k, m))?;
+        let telemetry = raw.telemetry.resolve(env).map_err(|(k, m)| invalid(k, m))?;
         if raw.http.max_body_bytes.0 == 0 {
             return Err(invalid(
                 "http.max_body_bytes".into(),
@@ -407,6 +412,7 @@ impl Config {
             },
             outbox,
             outgoing_credentials,
+            telemetry,
             warnings,
         })
     }
@@ -459,6 +465,7 @@ struct RawConfig {
     log: RawLog,
     outbox: Vec<outbox::RawOutbox>,
     outgoing: outgoing::RawOutgoing,
+    telemetry: telemetry::RawTelemetry,
 }
 
 #[derive(Debug, Deserialize)]
@@ -976,7 +983,7 @@ fn apply_env_overrides(
             .ok_or_else(|| fail("expected HOOKMESH_<SECTION>_<KEY>".into()))?;
         let value = env_value(value).map_err(fail)?;
         match section {
-            "nats" | "http" | "ingest" | "operator" | "admin" | "log" => {
+            "nats" | "http" | "ingest" | "operator" | "admin" | "log" | "telemetry" => {
                 section_table(table, section)
                     .map_err(&fail)?
                     .insert(key.to_string(), value);

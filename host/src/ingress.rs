@@ -18,13 +18,15 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, field, info, info_span, warn};
 
 use crate::config::Provider;
 use crate::extract::{ExtractError, extract, idempotency_key};
+use crate::headers::TRACEPARENT;
 use crate::metrics::Metrics;
 use crate::publish::{Inbound, Publisher, Receipt, Stored};
 use crate::streams;
+use crate::telemetry::{self, KeyValue, SpanKind, Trace, names};
 
 /// The header a caller may set to choose the correlation id.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -159,10 +161,14 @@ async fn webhook(
     body: Body,
 ) -> Response {
     let correlation_id = correlation_id(&headers);
-    let span = info_span!("webhook", %provider, %correlation_id);
+    let span = info_span!("webhook", %provider, %correlation_id, trace_id = field::Empty);
+    let trace = request_span(&headers, &provider, &correlation_id);
+    if let Some(trace_id) = trace.trace_id() {
+        span.record(crate::logging::TRACE_ID, trace_id.as_str());
+    }
     let _in_flight = ingress.metrics.in_flight();
     let mut response = async {
-        match receive(&ingress, &provider, &headers, body, &correlation_id).await {
+        match receive(&ingress, &provider, &headers, body, &correlation_id, &trace).await {
             Ok(response) => response,
             Err(error) => {
                 let label = if ingress.providers.contains_key(&provider) {
@@ -181,7 +187,50 @@ async fn webhook(
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {
         response.headers_mut().insert(CORRELATION_HEADER, value);
     }
+    let status = response.status();
+    trace.set(|| {
+        vec![KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        )]
+    });
+    if status.is_server_error() {
+        trace.fail(|| format!("HTTP {}", status.as_u16()));
+    }
+    trace.end();
     response
+}
+
+/// The server span of a webhook request, continuing the provider's trace
+/// when it sent a `traceparent` (empty when tracing is off).
+fn request_span(headers: &HeaderMap, provider: &str, correlation_id: &str) -> Trace {
+    if !telemetry::enabled() {
+        return Trace::off();
+    }
+    let given = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+    Trace::start("POST /webhooks/{provider}", SpanKind::Server, given, || {
+        let provider = telemetry::clip(provider, 64);
+        vec![
+            KeyValue::new("http.request.method", "POST"),
+            KeyValue::new("http.route", "/webhooks/{provider}"),
+            KeyValue::new("url.path", format!("/webhooks/{provider}")),
+            KeyValue::new("hookmesh.provider", provider),
+            KeyValue::new("hookmesh.correlation_id", correlation_id.to_string()),
+        ]
+    })
+}
+
+/// The producer span of storing an event: its `traceparent` is what the
+/// stored event carries, so the handlers' spans hang under it.
+fn publish_span(trace: &Trace, provider: &str, idempotency_key: &str) -> Trace {
+    trace.child(names::PUBLISH, SpanKind::Producer, || {
+        vec![
+            KeyValue::new("messaging.system", "nats"),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("hookmesh.provider", provider.to_string()),
+            KeyValue::new("hookmesh.idempotency_key", idempotency_key.to_string()),
+        ]
+    })
 }
 
 async fn receive(
@@ -190,6 +239,7 @@ async fn receive(
     headers: &HeaderMap,
     body: Body,
     correlation_id: &str,
+    trace: &Trace,
 ) -> Result<Response, ApiError> {
     let provider = ingress
         .providers
@@ -202,12 +252,16 @@ async fn receive(
         .verify(headers, &body, received_at)
         .map_err(ApiError::Unauthorized)?;
     let fields = extract(&provider.fields, headers, &body).map_err(ApiError::Unprocessable)?;
+    let idempotency_key = idempotency_key(&provider.name, &fields, &body);
+    let publish = publish_span(trace, &provider.name, &idempotency_key);
     let event = Inbound {
         provider: provider.name.clone(),
-        idempotency_key: idempotency_key(&provider.name, &fields, &body),
+        idempotency_key,
         fields,
         correlation_id: correlation_id.to_string(),
-        traceparent: traceparent(headers),
+        traceparent: publish
+            .traceparent()
+            .unwrap_or_else(|| traceparent(headers)),
         content_type: headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -218,6 +272,21 @@ async fn receive(
     let started = Instant::now();
     let stored = ingress.publisher.store(&event).await;
     ingress.metrics.publish_took(started.elapsed());
+    if let Ok(Stored::Accepted(receipt) | Stored::Duplicate(receipt)) = &stored {
+        let duplicate = matches!(stored, Ok(Stored::Duplicate(_)));
+        publish.set(|| {
+            vec![
+                KeyValue::new("messaging.destination.name", receipt.subject.clone()),
+                KeyValue::new("hookmesh.subject", receipt.subject.clone()),
+                KeyValue::new(
+                    "hookmesh.stream_seq",
+                    i64::try_from(receipt.stream_seq).unwrap_or(i64::MAX),
+                ),
+                KeyValue::new("hookmesh.duplicate", duplicate),
+            ]
+        });
+    }
+    publish.end_with(&stored);
     let (status, label, receipt) = match stored {
         Ok(Stored::Accepted(receipt)) => {
             ingress.metrics.accepted(name);
@@ -281,7 +350,7 @@ fn correlation_id(headers: &HeaderMap) -> String {
 
 /// The caller's W3C `traceparent` when well-formed, else a new trace.
 fn traceparent(headers: &HeaderMap) -> String {
-    let given = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let given = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
     match given {
         Some(tp) if crate::headers::is_traceparent(tp) => tp.to_string(),
         _ => crate::headers::new_traceparent(),

@@ -26,6 +26,8 @@
 //!   attempt records and held or parked entities.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`logging`]: the log, human or JSON lines (`[log] format`).
+//! - [`telemetry`]: OpenTelemetry traces over OTLP/HTTP (`[telemetry]`),
+//!   one trace per webhook across NATS via the `traceparent` header.
 //! - [`nats`]: connecting as configured.
 //! - [`retry`]: the growing pause of every loop waiting for NATS.
 //! - [`server`]: running the host and stopping it cleanly.
@@ -73,4 +75,5 @@ pub mod server;
 pub mod status;
 pub mod streams;
 pub mod subject;
+pub mod telemetry;
 pub mod verify;

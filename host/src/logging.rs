@@ -10,9 +10,9 @@
 //! keys, whichever span set them.
 //!
 //! A `trace_id` field recorded on any enclosing span is written right
-//! after `message`: that is where the trace id goes once invocations are
-//! traced. Nothing records one today, and the key is then absent rather
-//! than made up.
+//! after `message`. The webhook and invocation spans record one when
+//! traces are exported ([`crate::telemetry`]); with traces off the key is
+//! absent rather than made up.
 
 use std::io::{IsTerminal, Write};
 use std::time::SystemTime;
@@ -29,7 +29,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
-/// The field that carries an invocation's trace id, once one is recorded.
+/// The field that carries a request's or an invocation's trace id, when
+/// traces are on.
 pub const TRACE_ID: &str = "trace_id";
 
 /// Installs the process's log in `format`; a second call changes nothing.

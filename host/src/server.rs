@@ -60,6 +60,9 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
+    /// The trace exporter cannot start as configured.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// What to run besides the HTTP ingress.
@@ -190,6 +193,9 @@ pub async fn run(
         token = if config.admin.token.is_some() { "set" } else { "unset: read-only" },
         "admin listener: /metrics /healthz /readyz /console"
     );
+    // Last before serving: nothing returns early past here, so the tracer
+    // installed is always uninstalled below.
+    let telemetry = crate::telemetry::start(&config.telemetry)?;
     let shutdown = shutdown.shared();
     let webhook = axum::serve(listeners.webhook, app).with_graceful_shutdown(shutdown.clone());
     let admin = axum::serve(listeners.admin, admin).with_graceful_shutdown(shutdown);
@@ -239,6 +245,9 @@ pub async fn run(
     // Whatever was published is acknowledged already; flushing only hurries
     // out protocol messages still buffered.
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
     info!("stopped");
     result
 }

@@ -22,3 +22,4 @@ mod ownership;
 mod processes;
 mod runtime;
 mod streams;
+mod traces;

@@ -961,3 +961,19 @@ fn admin_and_log_take_environment_overrides() {
     );
     assert_eq!(config.log.format, LogFormat::Json);
 }
+
+#[test]
+fn telemetry_is_off_in_the_example_and_takes_environment_overrides() {
+    let example = load_ok(EXAMPLE, &vars(&example_env()));
+    assert_eq!(example.telemetry.otlp_endpoint, None);
+    let env = vars(&[
+        ("HOOKMESH_TELEMETRY_OTLP_ENDPOINT", "http://collector:4318"),
+        ("HOOKMESH_TELEMETRY_SERVICE_NAME", "hookmesh-eu"),
+    ]);
+    let config = load_ok("[telemetry]\nservice_name = \"edge\"\n", &env);
+    assert_eq!(
+        config.telemetry.otlp_endpoint.as_deref(),
+        Some("http://collector:4318/v1/traces")
+    );
+    assert_eq!(config.telemetry.service_name, "hookmesh-eu");
+}

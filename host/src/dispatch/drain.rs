@@ -283,9 +283,13 @@ impl Dispatch {
                 subject = %original.subject,
                 stream_seq,
                 attempt,
+                trace_id = tracing::field::Empty,
             );
             let permit = slot.permit().await;
-            let outcome = self.execute(prepared, input).instrument(span.clone()).await;
+            let outcome = self
+                .execute(prepared, input, stream_seq)
+                .instrument(span.clone())
+                .await;
             drop(permit);
             let Failed {
                 reason,

@@ -10,6 +10,7 @@ use futures::future::try_join_all;
 use crate::headers::{self as header, BadHeader, EventHeaders};
 use crate::runtime::{Emit, EventInput};
 use crate::subject::{EventAddress, TokenError, default_domain};
+use crate::telemetry::{KeyValue, SpanKind, Trace, names};
 
 /// What an emit inherits from the event that caused it.
 #[derive(Debug, Clone)]
@@ -146,10 +147,14 @@ pub async fn publish_emits(
     source: &Source,
     emits: &[Emit],
     partitions: u32,
+    trace: &Trace,
 ) -> Result<(), EmitError> {
     if emits.is_empty() {
         return Ok(());
     }
+    // One producer span per emit when traced: the emitted event carries
+    // its `traceparent`, so the handlers it reaches continue the trace.
+    let mut spans = Vec::new();
     let received_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let mut acks = Vec::with_capacity(emits.len());
     for (index, emit) in emits.iter().enumerate() {
@@ -165,6 +170,18 @@ pub async fn publish_emits(
             &emit.event_type,
             partitions,
         );
+        let subject = address.subject();
+        let span = trace.child(names::PUBLISH, SpanKind::Producer, || {
+            vec![
+                KeyValue::new("messaging.system", "nats"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.destination.name", subject.clone()),
+                KeyValue::new("hookmesh.event_type", emit.event_type.clone()),
+                KeyValue::new("hookmesh.emit.index", index as i64),
+                KeyValue::new("hookmesh.idempotency_key", id.clone()),
+            ]
+        });
+        let traceparent = span.traceparent();
         let headers = EventHeaders {
             msg_id: &id,
             provider: handler,
@@ -175,19 +192,28 @@ pub async fn publish_emits(
             entity_version: None,
             received_at: &received_at,
             correlation_id: &source.correlation_id,
-            traceparent: source.traceparent.as_deref(),
+            traceparent: traceparent.as_deref().or(source.traceparent.as_deref()),
             content_type: "application/json",
         }
         .to_map()
         .map_err(|source| EmitError::Header { index, source })?;
         let ack = js
-            .publish_with_headers(address.subject(), headers, emit.payload.clone().into())
+            .publish_with_headers(subject, headers, emit.payload.clone().into())
             .await
-            .map_err(|source| EmitError::Publish { index, source })?;
-        acks.push(ack);
+            .map_err(|source| EmitError::Publish { index, source });
+        if span.is_on() {
+            if let Err(error) = &ack {
+                span.fail(|| error.to_string());
+            }
+            spans.push(span);
+        }
+        acks.push(ack?);
     }
-    try_join_all(acks.into_iter().map(|ack| async move { ack.await }))
+    let acked = try_join_all(acks.into_iter().map(|ack| async move { ack.await }))
         .await
-        .map_err(EmitError::PubAck)?;
-    Ok(())
+        .map_err(EmitError::PubAck);
+    for span in &spans {
+        span.end_with(&acked);
+    }
+    acked.map(drop)
 }

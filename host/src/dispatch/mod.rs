@@ -42,6 +42,7 @@ use crate::records::park;
 use crate::retry::Retry;
 use crate::runtime::{EventInput, Prepared, Runtime, Services, Verdict};
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM, LEASES_BUCKET};
+use crate::telemetry::{self, KeyValue, SpanKind, Trace};
 
 /// Why dispatch could not start.
 #[derive(Debug, thiserror::Error)]
@@ -404,27 +405,62 @@ impl Dispatch {
         );
     }
 
-    /// Runs one event on `prepared` and, when it succeeds, publishes its
-    /// emits: `Ok(emits)` or how it failed.
-    async fn execute(&self, prepared: &Arc<Prepared>, input: EventInput) -> Result<usize, Failed> {
+    /// Runs one event (stored at `stream_seq`) on `prepared` and, when it
+    /// succeeds, publishes its emits: `Ok(emits)` or how it failed. Each
+    /// run is one span when tracing is on — a retry is a span of its own
+    /// under the same parent, the event's `traceparent`.
+    async fn execute(
+        &self,
+        prepared: &Arc<Prepared>,
+        input: EventInput,
+        stream_seq: u64,
+    ) -> Result<usize, Failed> {
         let manifest = &prepared.manifest;
         let source = event::Source::of(&input);
+        let trace = if telemetry::enabled() {
+            invocation_span(prepared, &input, &source, stream_seq)
+        } else {
+            Trace::off()
+        };
         let invoked = self
             .runtime
-            .invoke(prepared, input, self.services.clone())
+            .invoke_traced(prepared, input, self.services.clone(), &trace)
             .await;
-        self.metrics.invoked(
-            &manifest.name,
-            verdict_label(&invoked.verdict),
-            invoked.elapsed,
-        );
+        let label = verdict_label(&invoked.verdict);
+        self.metrics.invoked(&manifest.name, label, invoked.elapsed);
+        let result = self
+            .settle_verdict(manifest, &source, invoked, &trace)
+            .await;
+        trace.set(|| {
+            vec![KeyValue::new(
+                "hookmesh.outcome",
+                outcome_label(label, &result),
+            )]
+        });
+        if let Err(failed) = &result {
+            trace.fail(|| telemetry::clip(&failed.error, 1024));
+        }
+        trace.end();
+        result
+    }
+
+    /// What an invocation's verdict makes of it: its emits published, or
+    /// the failure.
+    async fn settle_verdict(
+        &self,
+        manifest: &Manifest,
+        source: &event::Source,
+        invoked: crate::runtime::Invoked,
+        trace: &Trace,
+    ) -> Result<usize, Failed> {
         match invoked.verdict {
             Verdict::Ok => event::publish_emits(
                 &self.js,
                 &manifest.name,
-                &source,
+                source,
                 &invoked.emits,
                 self.partitions,
+                trace,
             )
             .await
             .map(|()| invoked.emits.len())
@@ -524,6 +560,52 @@ impl ownership::StartWorker for PartitionWorkers {
 /// (see [`Prepared::version`]).
 pub fn version_of(prepared: &Prepared) -> String {
     prepared.version.clone()
+}
+
+/// The span of one run of an event, under the event's `traceparent`; its
+/// trace id goes on the log span the run is in (a field `trace_id`).
+fn invocation_span(
+    prepared: &Prepared,
+    input: &EventInput,
+    source: &event::Source,
+    stream_seq: u64,
+) -> Trace {
+    let manifest = &prepared.manifest;
+    let trace = Trace::start(
+        format!("invoke {}", manifest.name),
+        SpanKind::Consumer,
+        source.traceparent.as_deref(),
+        || {
+            vec![
+                KeyValue::new("messaging.system", "nats"),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("messaging.destination.name", input.subject.clone()),
+                KeyValue::new("hookmesh.handler", manifest.name.clone()),
+                KeyValue::new("hookmesh.handler.version", prepared.version.clone()),
+                KeyValue::new("hookmesh.subject", input.subject.clone()),
+                KeyValue::new(
+                    "hookmesh.stream_seq",
+                    i64::try_from(stream_seq).unwrap_or(i64::MAX),
+                ),
+                KeyValue::new("hookmesh.attempt", i64::from(input.attempt)),
+                KeyValue::new("hookmesh.correlation_id", input.correlation_id.clone()),
+                KeyValue::new("hookmesh.idempotency_key", input.idempotency_key.clone()),
+            ]
+        },
+    );
+    if let Some(trace_id) = trace.trace_id() {
+        tracing::Span::current().record(crate::logging::TRACE_ID, trace_id.as_str());
+    }
+    trace
+}
+
+/// The `hookmesh.outcome` of a run: the verdict's label, `transient` when
+/// the emits of an `ok` could not be published.
+fn outcome_label(verdict: &'static str, result: &Result<usize, Failed>) -> &'static str {
+    match result {
+        Err(_) if verdict == "ok" => "transient",
+        _ => verdict,
+    }
 }
 
 fn verdict_label(verdict: &Verdict) -> &'static str {

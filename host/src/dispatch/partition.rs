@@ -526,6 +526,7 @@ async fn attempts_loop(
             version = %version,
             %correlation_id,
             attempt,
+            trace_id = tracing::field::Empty,
         );
         // The server gives up after this delivery (hosts died in it
         // before): a parking handler holds the entity before it runs, so
@@ -549,7 +550,7 @@ async fn attempts_loop(
                 // emits' publishes) is large, and would otherwise sit
                 // inline in every event's future from the moment it is
                 // queued.
-                let execute = Box::pin(dispatch.execute(&prepared, input));
+                let execute = Box::pin(dispatch.execute(&prepared, input, stream_seq));
                 with_progress(message, &manifest, execute)
                     .instrument(span.clone())
                     .await

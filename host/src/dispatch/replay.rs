@@ -121,9 +121,10 @@ impl Dispatch {
             stream_seq = dead.stream_seq,
             dlq_seq = dead.dlq_seq,
             actor = %request.actor,
+            trace_id = tracing::field::Empty,
         );
         async {
-            let outcome = self.execute(&prepared, input).await;
+            let outcome = self.execute(&prepared, input, dead.stream_seq).await;
             let mut record = AuditRecord::new(
                 Action::Replay,
                 &request.actor,

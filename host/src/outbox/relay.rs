@@ -20,6 +20,7 @@ use super::table::{self, ShapeError};
 use crate::config::OutboxConfig;
 use crate::publish::{Publisher, Stored};
 use crate::retry::Retry;
+use crate::telemetry::{KeyValue, SpanKind, Trace, names};
 
 /// Aggregates published at once within a round (each one row at a time).
 pub const AGGREGATES_IN_FLIGHT: usize = 256;
@@ -290,9 +291,23 @@ impl Relay {
     }
 
     async fn publish_row(&self, row: &OutboxRow) -> Outcome {
-        let event = row.to_inbound(&self.config.source);
+        let mut event = row.to_inbound(&self.config.source);
+        // Traced, a relayed row starts its trace with a producer span the
+        // stored event names as its parent.
+        let trace = Trace::start(names::PUBLISH, SpanKind::Producer, None, || {
+            vec![
+                KeyValue::new("messaging.system", "nats"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("hookmesh.provider", self.config.source.clone()),
+                KeyValue::new("hookmesh.outbox.row", row.id),
+                KeyValue::new("hookmesh.idempotency_key", event.idempotency_key.clone()),
+            ]
+        });
+        if let Some(traceparent) = trace.traceparent() {
+            event.traceparent = traceparent;
+        }
         let span = info_span!("outbox_row", row = row.id, correlation_id = %event.correlation_id);
-        async {
+        let outcome = async {
             // Any earlier publish of a row happened after its created_at;
             // while that is well inside the stream's duplicate window and
             // the message id is the row's own, the server's dedup is exact
@@ -312,11 +327,16 @@ impl Relay {
                     debug!(subject = %receipt.subject, stream_seq = receipt.stream_seq, "outbox row was stored before");
                     Outcome::Published
                 }
-                Err(error) => Outcome::of_error(&error),
+                Err(error) => {
+                    trace.fail(|| error.to_string());
+                    Outcome::of_error(&error)
+                }
             }
         }
         .instrument(span)
-        .await
+        .await;
+        trace.end();
+        outcome
     }
 
     /// Counts the round's failed attempts in the table; logs every row that

@@ -21,6 +21,12 @@ use super::http::Outbound;
 use super::services::{MappingFailure, Revisioned, Services, StateFailure};
 use super::{Emit, EventInput, MAX_EMITS, Verdict};
 use crate::manifest::Manifest;
+use crate::telemetry::{KeyValue, SpanKind, Trace, clip, names};
+
+/// The longest attribute value taken from a guest (keys, ids, log lines).
+const MAX_ATTRIBUTE_BYTES: usize = 256;
+/// The longest guest log line kept as a span event.
+const MAX_EVENT_BYTES: usize = 2048;
 
 /// The longest state key.
 const MAX_KEY_BYTES: usize = 512;
@@ -41,6 +47,8 @@ pub(super) struct Invocation {
     /// if the guest returns ok.
     pub(super) refused_emit: Option<String>,
     pub(super) correlation_id: String,
+    /// The invocation's span (empty when tracing is off).
+    pub(super) trace: Trace,
 }
 
 impl WasiView for Invocation {
@@ -82,6 +90,10 @@ impl Invocation {
     fn write_log(&self, level: tracing::Level, message: &str) {
         let handler = &self.manifest.name;
         let correlation_id = &self.correlation_id;
+        self.trace.event(
+            || clip(message, MAX_EVENT_BYTES),
+            || vec![KeyValue::new("level", level.as_str())],
+        );
         match level {
             tracing::Level::TRACE => {
                 tracing::trace!(target: "hookmesh::guest", %handler, %correlation_id, "{message}")
@@ -103,7 +115,21 @@ impl Invocation {
 
     async fn state_get(&mut self, key: &str) -> Result<Option<Revisioned>, StateFailure> {
         check_key(key)?;
-        self.services.state_get(&self.manifest.name, key).await
+        let span = self.host_call(names::STATE_GET, || vec![state_key(key)]);
+        let got = self.services.state_get(&self.manifest.name, key).await;
+        span.set(|| {
+            vec![KeyValue::new(
+                "hookmesh.state.found",
+                matches!(got, Ok(Some(_))),
+            )]
+        });
+        span.end_with(&got);
+        got
+    }
+
+    /// A child span of the invocation for a host call.
+    fn host_call(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) -> Trace {
+        self.trace.child(name, SpanKind::Internal, attributes)
     }
 
     async fn state_put(
@@ -120,16 +146,29 @@ impl Invocation {
                 value.len()
             )));
         }
-        self.services
+        let span = self.host_call(names::STATE_PUT, || {
+            vec![
+                state_key(key),
+                KeyValue::new("hookmesh.state.bytes", value.len() as i64),
+            ]
+        });
+        let put = self
+            .services
             .state_put(&self.manifest.name, key, value, expected)
-            .await
+            .await;
+        span.end_with(&put);
+        put
     }
 
     async fn state_delete(&mut self, key: &str, expected: Option<u64>) -> Result<(), StateFailure> {
         check_key(key)?;
-        self.services
+        let span = self.host_call(names::STATE_DELETE, || vec![state_key(key)]);
+        let deleted = self
+            .services
             .state_delete(&self.manifest.name, key, expected)
-            .await
+            .await;
+        span.end_with(&deleted);
+        deleted
     }
 
     async fn link(
@@ -142,9 +181,22 @@ impl Invocation {
         for part in [system, id, other_system, other_id] {
             check_id(part)?;
         }
-        self.services
+        let span = self.host_call(names::MAPPING_LINK, || {
+            vec![
+                KeyValue::new("hookmesh.mapping.system", clip(system, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new("hookmesh.mapping.id", clip(id, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new(
+                    "hookmesh.mapping.other_system",
+                    clip(other_system, MAX_ATTRIBUTE_BYTES),
+                ),
+            ]
+        });
+        let linked = self
+            .services
             .mapping_link(system, id, other_system, other_id)
-            .await
+            .await;
+        span.end_with(&linked);
+        linked
     }
 
     async fn lookup(
@@ -156,7 +208,25 @@ impl Invocation {
         for part in [system, id, other_system] {
             check_id(part)?;
         }
-        self.services.mapping_lookup(system, id, other_system).await
+        let span = self.host_call(names::MAPPING_LOOKUP, || {
+            vec![
+                KeyValue::new("hookmesh.mapping.system", clip(system, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new("hookmesh.mapping.id", clip(id, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new(
+                    "hookmesh.mapping.other_system",
+                    clip(other_system, MAX_ATTRIBUTE_BYTES),
+                ),
+            ]
+        });
+        let found = self.services.mapping_lookup(system, id, other_system).await;
+        span.set(|| {
+            vec![KeyValue::new(
+                "hookmesh.mapping.found",
+                matches!(found, Ok(Some(_))),
+            )]
+        });
+        span.end_with(&found);
+        found
     }
 
     /// Buffers an emit, or refuses it (and remembers why).
@@ -183,6 +253,20 @@ impl Invocation {
         } else {
             None
         };
+        let span = self.host_call(names::EMIT, || {
+            vec![
+                KeyValue::new(
+                    "hookmesh.event_type",
+                    clip(&event_type, MAX_ATTRIBUTE_BYTES),
+                ),
+                KeyValue::new("hookmesh.entity", clip(&entity_id, MAX_ATTRIBUTE_BYTES)),
+                KeyValue::new("hookmesh.emit.index", self.emits.len() as i64),
+            ]
+        });
+        if let Some(refused) = &refused {
+            span.fail(|| refused.message().to_string());
+        }
+        span.end();
         if let Some(refused) = refused {
             self.refused_emit
                 .get_or_insert_with(|| refused.message().to_string());
@@ -203,6 +287,11 @@ impl Invocation {
     fn config_all(&self) -> Vec<(String, String)> {
         self.manifest.config.clone().into_iter().collect()
     }
+}
+
+/// The attribute naming a state key.
+fn state_key(key: &str) -> KeyValue {
+    KeyValue::new("hookmesh.state.key", clip(key, MAX_ATTRIBUTE_BYTES))
 }
 
 fn check_key(key: &str) -> Result<(), StateFailure> {

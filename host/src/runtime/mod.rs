@@ -40,6 +40,7 @@ use invocation::Invocation;
 pub use services::{MappingFailure, MemoryServices, Revisioned, Services, StateFailure};
 
 use crate::manifest::Manifest;
+use crate::telemetry::Trace;
 
 /// How often the epoch advances; a running guest yields at each tick, so a
 /// deadline is kept to within one tick.
@@ -495,6 +496,7 @@ impl Runtime {
     ) -> Store<Invocation> {
         let manifest = prepared.manifest.clone();
         let correlation_id = origin.correlation_id.clone();
+        let trace = origin.trace.clone();
         let outbound = http::Outbound::new(
             prepared.grant.clone(),
             self.connector.clone(),
@@ -519,6 +521,7 @@ impl Runtime {
             emits: Vec::new(),
             refused_emit: None,
             correlation_id,
+            trace,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|invocation| &mut invocation.limits);
@@ -536,6 +539,20 @@ impl Runtime {
         event: EventInput,
         services: Arc<dyn Services>,
     ) -> Invoked {
+        self.invoke_traced(prepared, event, services, &Trace::off())
+            .await
+    }
+
+    /// [`invoke`](Self::invoke) under the invocation's span `trace`: host
+    /// calls and outgoing requests become its children, guest log lines
+    /// its events.
+    pub async fn invoke_traced(
+        &self,
+        prepared: &Prepared,
+        event: EventInput,
+        services: Arc<dyn Services>,
+        trace: &Trace,
+    ) -> Invoked {
         let started = Instant::now();
         let timeout = prepared.manifest.timeout;
         // A pool slot; the semaphore is never closed.
@@ -550,6 +567,7 @@ impl Runtime {
                 .iter()
                 .find(|(name, _)| name.eq_ignore_ascii_case(crate::headers::TRACEPARENT))
                 .map(|(_, value)| value.clone()),
+            trace: trace.clone(),
         };
         let mut store = self.store(prepared, services, origin, started);
         let run = async {

@@ -39,6 +39,7 @@ pub use connect::{Connector, Resolve, SystemResolver};
 pub use credentials::{Credential, Credentials};
 
 use crate::manifest::Manifest;
+use crate::telemetry::{KeyValue, SpanKind, Trace};
 use connect::{ConnectError, Timeouts};
 
 /// The header carrying the idempotency key of a request.
@@ -91,6 +92,9 @@ pub struct Origin {
     pub correlation_id: String,
     /// The event's `traceparent`, when it has one.
     pub traceparent: Option<String>,
+    /// The invocation's span, when tracing is on: each request gets a
+    /// client span under it, whose id its `traceparent` carries.
+    pub trace: crate::telemetry::Trace,
 }
 
 /// The `wasi:http` hooks of one invocation: the gate every outgoing
@@ -197,7 +201,8 @@ impl WasiHttpHooks for Outbound {
             );
             return refuse(request, Error::HttpRequestDenied);
         };
-        add_headers(&mut request, &origin, index);
+        let span = client_span(&origin.trace, &request, &to, &url, index);
+        add_headers(&mut request, &origin, index, span.traceparent());
         let credentials = self
             .credentials
             .apply(&origin.handler, &to, request.headers_mut());
@@ -220,6 +225,25 @@ impl WasiHttpHooks for Outbound {
             let outcome = tokio::time::timeout_at(deadline, exchange)
                 .await
                 .unwrap_or(Err(ConnectError::Failed(Error::ConnectionReadTimeout)));
+            match &outcome {
+                Ok((response, _)) => {
+                    let status = response.status().as_u16();
+                    span.set(|| {
+                        vec![KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(status),
+                        )]
+                    });
+                    if status >= 400 {
+                        span.fail(|| format!("HTTP {status}"));
+                    }
+                }
+                Err(ConnectError::LinkLocal(_)) => {
+                    span.fail(|| "denied: link-local address".into())
+                }
+                Err(ConnectError::Failed(error)) => span.fail(|| error.to_string()),
+            }
+            span.end();
             match outcome {
                 Ok((mut response, driver)) => {
                     debug!(
@@ -294,12 +318,39 @@ fn loggable_url(uri: &http::Uri) -> String {
     url
 }
 
+/// The client span of request number `index` (empty when tracing is off).
+fn client_span(
+    trace: &Trace,
+    request: &Request<WasiBody>,
+    to: &Destination,
+    url: &str,
+    index: u32,
+) -> Trace {
+    let method = request.method().as_str();
+    trace.child(method.to_string(), SpanKind::Client, || {
+        vec![
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("url.full", url.to_string()),
+            KeyValue::new("server.address", to.host.clone()),
+            KeyValue::new("server.port", i64::from(to.port)),
+            KeyValue::new("hookmesh.http.index", i64::from(index)),
+        ]
+    })
+}
+
 /// The headers the host adds: the idempotency key (unless the guest set
-/// one), the child `traceparent` and the correlation id.
-fn add_headers(request: &mut Request<WasiBody>, origin: &Origin, index: u32) {
+/// one), the `traceparent` — the request's own span's when traced, else a
+/// child of the event's — and the correlation id.
+fn add_headers(
+    request: &mut Request<WasiBody>,
+    origin: &Origin,
+    index: u32,
+    traceparent: Option<String>,
+) {
     let headers = request.headers_mut();
     let key = format!("{}:{}:{index}", origin.idempotency_key, origin.handler);
-    let traceparent = crate::headers::child_traceparent(origin.traceparent.as_deref());
+    let traceparent = traceparent
+        .unwrap_or_else(|| crate::headers::child_traceparent(origin.traceparent.as_deref()));
     if !headers.contains_key(IDEMPOTENCY_KEY)
         && let Ok(value) = HeaderValue::from_str(&key)
     {
@@ -365,6 +416,7 @@ mod tests {
             idempotency_key: "crm:msg_1".into(),
             correlation_id: "corr-1".into(),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            trace: crate::telemetry::Trace::off(),
         };
         let body = || {
             use http_body_util::BodyExt;
@@ -373,7 +425,7 @@ mod tests {
                 .boxed_unsync()
         };
         let mut request = Request::new(body());
-        add_headers(&mut request, &origin, 2);
+        add_headers(&mut request, &origin, 2, None);
         let headers = request.headers();
         assert_eq!(headers[IDEMPOTENCY_KEY], "crm:msg_1:order-sync:2");
         assert_eq!(headers[CORRELATION_ID], "corr-1");
@@ -384,7 +436,7 @@ mod tests {
         let mut own = Request::new(body());
         own.headers_mut()
             .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("mine"));
-        add_headers(&mut own, &origin, 0);
+        add_headers(&mut own, &origin, 0, None);
         assert_eq!(own.headers()[IDEMPOTENCY_KEY], "mine");
     }
 
