@@ -14,11 +14,12 @@ use tracing::{error, info, warn};
 use futures::FutureExt;
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{Config, HEADER_BUDGET};
 use crate::deploy::follow::Follower;
 use crate::dispatch::services::NatsServices;
 use crate::dispatch::{Dispatch, DispatchError, version_of};
 use crate::dlq;
+use crate::edge;
 use crate::ingress::{self, Ingress};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
@@ -188,9 +189,24 @@ pub async fn run(
         "admin listener: /metrics /healthz /readyz /console"
     );
     let shutdown = shutdown.shared();
-    let webhook = axum::serve(listeners.webhook, app).with_graceful_shutdown(shutdown.clone());
-    let admin = axum::serve(listeners.admin, admin).with_graceful_shutdown(shutdown);
-    let http = async { tokio::try_join!(webhook.into_future(), admin.into_future()).map(drop) };
+    let limits = edge::Limits::from(&config.http);
+    let webhook = edge::serve(
+        listeners.webhook,
+        app,
+        limits.clone(),
+        metrics.edge().clone(),
+        "webhook",
+        shutdown.clone(),
+    );
+    let admin = edge::serve(
+        listeners.admin,
+        admin,
+        limits,
+        metrics.edge().clone(),
+        "admin",
+        shutdown,
+    );
+    let http = async { tokio::try_join!(webhook, admin).map(drop) };
 
     let relays = (config.outbox.iter())
         .map(|entry| {
@@ -333,12 +349,14 @@ async fn start_background(bg: Background) -> ServeError {
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {
     let max_payload = client.server_info().max_payload;
-    if max_payload > 0 && max_payload < config.http.max_body_bytes + 4096 {
+    if max_payload > 0 && max_payload < config.http.max_body_bytes + HEADER_BUDGET {
         warn!(
             max_payload,
             max_body_bytes = config.http.max_body_bytes,
-            "nats-server's max_payload is below http.max_body_bytes plus headers: \
-             the largest accepted webhooks cannot be stored; raise max_payload or lower max_body_bytes"
+            header_budget = HEADER_BUDGET,
+            "nats-server's max_payload is below http.max_body_bytes plus the header budget: \
+             the largest webhooks the listener accepts are answered 413 when they cannot be stored; \
+             raise max_payload or lower max_body_bytes"
         );
     }
 }
