@@ -349,7 +349,7 @@ async fn start_background(bg: Background) -> ServeError {
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {
     let max_payload = client.server_info().max_payload;
-    if max_payload > 0 && max_payload < config.http.max_body_bytes + HEADER_BUDGET {
+    if payload_too_small(max_payload, config.http.max_body_bytes) {
         warn!(
             max_payload,
             max_body_bytes = config.http.max_body_bytes,
@@ -358,5 +358,29 @@ fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {
              the largest webhooks the listener accepts are answered 413 when they cannot be stored; \
              raise max_payload or lower max_body_bytes"
         );
+    }
+}
+
+/// Whether a server's `max_payload` (0: not known yet) cannot hold the
+/// largest body the listener accepts plus the header budget.
+fn payload_too_small(max_payload: usize, max_body_bytes: usize) -> bool {
+    max_payload > 0 && max_payload < max_body_bytes.saturating_add(HEADER_BUDGET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DEFAULT_MAX_BODY_BYTES, HttpConfig};
+
+    #[test]
+    fn the_defaults_fit_a_default_nats_server_without_a_warning() {
+        let nats_default = 1024 * 1024;
+        assert!(!payload_too_small(
+            nats_default,
+            HttpConfig::default().max_body_bytes
+        ));
+        assert!(!payload_too_small(nats_default, DEFAULT_MAX_BODY_BYTES));
+        assert!(payload_too_small(nats_default, 1024 * 1024));
+        assert!(!payload_too_small(0, usize::MAX), "unknown yet: no warning");
     }
 }
