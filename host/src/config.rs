@@ -18,13 +18,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::HeaderName;
+use ::http::HeaderName;
 use serde::Deserialize;
 
 use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
 
+mod http;
 mod outbox;
 mod outgoing;
+pub use http::{DEFAULT_MAX_BODY_BYTES, HEADER_BUDGET, HttpConfig};
 pub use outbox::OutboxConfig;
 mod telemetry;
 pub use telemetry::TelemetryConfig;
@@ -247,15 +249,6 @@ impl fmt::Debug for Redacted {
     }
 }
 
-/// The HTTP listener.
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Largest accepted request body; larger ones get 413.
-    pub max_body_bytes: usize,
-}
-
 /// Ingest behaviour.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -388,19 +381,11 @@ impl Config {
         let outbox = outbox::resolve_all(raw.outbox, env).map_err(|(k, m)| invalid(k, m))?;
         let outgoing_credentials = raw.outgoing.resolve(env).map_err(|(k, m)| invalid(k, m))?;
         let telemetry = raw.telemetry.resolve(env).map_err(|(k, m)| invalid(k, m))?;
-        if raw.http.max_body_bytes.0 == 0 {
-            return Err(invalid(
-                "http.max_body_bytes".into(),
-                "must be at least 1".into(),
-            ));
-        }
+        let http = raw.http.resolve().map_err(|(k, m)| invalid(k, m))?;
         Ok(Config {
             origin,
             nats,
-            http: HttpConfig {
-                listen: raw.http.listen.0,
-                max_body_bytes: raw.http.max_body_bytes.0 as usize,
-            },
+            http,
             ingest,
             providers,
             operator: OperatorConfig {
@@ -457,7 +442,7 @@ type KeyError = (String, String);
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     nats: RawNats,
-    http: RawHttp,
+    http: http::RawHttp,
     ingest: RawIngest,
     providers: BTreeMap<String, RawProvider>,
     operator: RawOperator,
@@ -620,22 +605,6 @@ impl RawNats {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-struct RawHttp {
-    listen: Address,
-    max_body_bytes: Lenient<u64>,
-}
-
-impl Default for RawHttp {
-    fn default() -> Self {
-        RawHttp {
-            listen: Address(SocketAddr::from(([127, 0, 0, 1], 8080))),
-            max_body_bytes: Lenient(1024 * 1024),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 struct RawIngest {
     duplicate_window: Humane,
     idempotency_ttl: Humane,
@@ -750,6 +719,15 @@ impl RawProvider {
             return Err((
                 provider_key(name),
                 "a provider name may only contain letters, digits, '_' and '-'".into(),
+            ));
+        }
+        if name.len() > crate::subject::limits::NAME_MAX {
+            return Err((
+                provider_key(name),
+                format!(
+                    "a provider name may be at most {} bytes long",
+                    crate::subject::limits::NAME_MAX
+                ),
             ));
         }
         let scheme = self.scheme(name)?;

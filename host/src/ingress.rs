@@ -23,10 +23,12 @@ use tracing::{Instrument, field, info, info_span, warn};
 use crate::config::Provider;
 use crate::extract::{ExtractError, extract, idempotency_key};
 use crate::headers::TRACEPARENT;
+use crate::logging::clip;
 use crate::metrics::Metrics;
-use crate::publish::{Inbound, Publisher, Receipt, Stored};
+use crate::publish::{Inbound, PublishError, Publisher, Receipt, Stored};
 use crate::streams;
 use crate::telemetry::{self, KeyValue, SpanKind, Trace, names};
+use crate::subject::limits::TooLong;
 
 /// The header a caller may set to choose the correlation id.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
@@ -67,12 +69,22 @@ pub enum ApiError {
     UnknownProvider,
     /// 413: body over the limit.
     TooLarge(usize),
+    /// 413: body and headers over what the event store takes in one
+    /// message (its `max_payload`).
+    TooLargeToStore {
+        /// Body plus headers.
+        size: usize,
+        /// The server's `max_payload`.
+        max_payload: usize,
+    },
     /// 400: the body could not be read.
     BadBody,
     /// 401: signature or timestamp refused.
     Unauthorized(crate::verify::VerifyError),
     /// 422: a required field cannot be read.
     Unprocessable(ExtractError),
+    /// 422: a field is longer than NATS can carry.
+    FieldTooLong(TooLong),
     /// 503: JetStream unavailable or too slow.
     Unavailable(Duration),
 }
@@ -82,10 +94,10 @@ impl ApiError {
     fn reason(&self) -> &'static str {
         match self {
             ApiError::UnknownProvider => "unknown_provider",
-            ApiError::TooLarge(_) => "too_large",
+            ApiError::TooLarge(_) | ApiError::TooLargeToStore { .. } => "too_large",
             ApiError::BadBody => "bad_body",
             ApiError::Unauthorized(e) => e.label(),
-            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::Unprocessable(_) | ApiError::FieldTooLong(_) => "unprocessable",
             ApiError::Unavailable(_) => "unavailable",
         }
     }
@@ -110,6 +122,13 @@ impl IntoResponse for ApiError {
                 format!("body larger than {limit} bytes"),
                 None,
             ),
+            ApiError::TooLargeToStore { size, max_payload } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "event is {size} bytes with its headers; the event store takes at most {max_payload}"
+                ),
+                None,
+            ),
             ApiError::BadBody => (
                 StatusCode::BAD_REQUEST,
                 "body could not be read".into(),
@@ -120,6 +139,11 @@ impl IntoResponse for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 e.to_string(),
                 Some(e.field()),
+            ),
+            ApiError::FieldTooLong(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                e.to_string(),
+                Some(e.field),
             ),
             ApiError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -137,6 +161,14 @@ impl IntoResponse for ApiError {
             field,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is not read: the connection ends after
+            // the answer (the edge reads what the client still sends, so
+            // it reads the 413 rather than a reset).
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let ApiError::Unavailable(retry_after) = self {
             let secs = retry_after.as_secs().max(1);
             response
@@ -161,7 +193,7 @@ async fn webhook(
     body: Body,
 ) -> Response {
     let correlation_id = correlation_id(&headers);
-    let span = info_span!("webhook", %provider, %correlation_id, trace_id = field::Empty);
+    let span = info_span!("webhook", provider = %clip(&provider), %correlation_id, trace_id = field::Empty);
     let trace = request_span(&headers, &provider, &correlation_id);
     if let Some(trace_id) = trace.trace_id() {
         span.record(crate::logging::TRACE_ID, trace_id.as_str());
@@ -296,16 +328,20 @@ async fn receive(
             ingress.metrics.duplicate(name);
             (StatusCode::OK, "duplicate", receipt)
         }
+        Err(PublishError::TooLong(error)) => return Err(ApiError::FieldTooLong(error)),
+        Err(PublishError::TooLarge { size, max_payload }) => {
+            return Err(ApiError::TooLargeToStore { size, max_payload });
+        }
         Err(error) => {
-            warn!(%error, idempotency_key = %event.idempotency_key, "event not stored");
+            warn!(%error, idempotency_key = %clip(&event.idempotency_key), "event not stored");
             return Err(ApiError::Unavailable(ingress.retry_after));
         }
     };
     info!(
         status = label,
-        subject = %receipt.subject,
+        subject = %clip(&receipt.subject),
         stream_seq = receipt.stream_seq,
-        idempotency_key = %receipt.idempotency_key,
+        idempotency_key = %clip(&receipt.idempotency_key),
         signing_key = verified.key_index,
         "webhook {label}"
     );

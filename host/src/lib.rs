@@ -56,6 +56,7 @@ pub mod config;
 pub mod deploy;
 pub mod dispatch;
 pub mod dlq;
+pub mod edge;
 pub mod extract;
 pub mod headers;
 pub mod ingress;

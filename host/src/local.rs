@@ -69,12 +69,12 @@ pub async fn ensure(url: &str, workdir: &Path) -> Result<Option<LocalNats>, Loca
     let conf = dir.join("nats.conf");
     let log = dir.join("nats.log");
     let store = dir.join("nats");
-    // max_payload leaves room for a 1 MiB webhook (hookmesh's default
-    // limit) plus its headers; the server's own default is exactly 1 MiB.
-    // Port -1 is nats-server's "pick one".
+    // The server's default max_payload (1 MiB) holds hookmesh's default
+    // body limit plus its header budget; a larger one would only earn a
+    // warning from nats-server. Port -1 is nats-server's "pick one".
     let listen_port = if port == 0 { -1 } else { i32::from(port) };
     let text = format!(
-        "host: \"{}\"\nport: {listen_port}\nserver_name: hookmesh-dev\nmax_payload: 2MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+        "host: \"{}\"\nport: {listen_port}\nserver_name: hookmesh-dev\njetstream {{\n  store_dir: \"{}\"\n}}\n",
         host.trim_start_matches('[').trim_end_matches(']'),
         store.display()
     );

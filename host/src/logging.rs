@@ -29,6 +29,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
+pub mod clip;
+pub use clip::clip;
+
 /// The field that carries a request's or an invocation's trace id, when
 /// traces are on.
 pub const TRACE_ID: &str = "trace_id";

@@ -93,6 +93,7 @@ struct Inner {
     handler_redelivered: Family<HandlerOnly, Gauge>,
     activation_failures: Family<HandlerOnly, Counter>,
     outbox: crate::outbox::metrics::OutboxMetrics,
+    edge: crate::edge::metrics::EdgeMetrics,
 }
 
 impl Default for Metrics {
@@ -208,6 +209,7 @@ impl Default for Metrics {
             in_flight.clone(),
         );
         let outbox = crate::outbox::metrics::OutboxMetrics::register(&mut registry);
+        let edge = crate::edge::metrics::EdgeMetrics::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -229,6 +231,7 @@ impl Default for Metrics {
                 handler_redelivered,
                 activation_failures,
                 outbox,
+                edge,
             }),
         }
     }
@@ -370,6 +373,11 @@ impl Metrics {
                 .get_or_create(&label(version))
                 .set(1);
         }
+    }
+
+    /// The HTTP edge's metrics.
+    pub fn edge(&self) -> &crate::edge::metrics::EdgeMetrics {
+        &self.inner.edge
     }
 
     /// The outbox relays' metrics.

@@ -27,6 +27,11 @@ use crate::extract::{EventFields, kv_key};
 use crate::headers::{BadHeader, EventHeaders};
 use crate::streams::IDEMPOTENCY_BUCKET;
 use crate::subject::EventAddress;
+use crate::subject::limits::{self, TooLong};
+
+/// The longest `hook_idempotency` key kept readable; a longer one is
+/// stored under its hash (see [`record_key`]).
+pub const RECORD_KEY_MAX: usize = 2048;
 
 /// A verified event, ready to be stored.
 #[derive(Debug, Clone)]
@@ -90,6 +95,18 @@ pub enum PublishError {
         /// The client's error.
         #[source]
         source: async_nats::Error,
+    },
+    /// A value is longer than NATS can carry (answered 422 naming it).
+    #[error(transparent)]
+    TooLong(#[from] TooLong),
+    /// Body and headers together exceed the server's `max_payload`
+    /// (answered 413).
+    #[error("the event is {size} bytes with its headers; the server takes at most {max_payload}")]
+    TooLarge {
+        /// Body plus headers, as sent.
+        size: usize,
+        /// The server's `max_payload`.
+        max_payload: usize,
     },
     /// A header value could not be encoded (fields are checked before, so
     /// this is a bug guard rather than an expected outcome).
@@ -162,6 +179,7 @@ impl Publisher {
     }
 
     async fn store_bounded(&self, event: &Inbound, lookup: Lookup) -> Result<Stored, PublishError> {
+        check(event)?;
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(PublishError::Disconnected);
         }
@@ -180,7 +198,7 @@ impl Publisher {
             .get_or_try_init(|| self.js.get_key_value(IDEMPOTENCY_BUCKET))
             .await
             .map_err(|e| js_error("open idempotency bucket", e))?;
-        let key = kv_key(&event.idempotency_key);
+        let key = record_key(&event.idempotency_key);
 
         if lookup == Lookup::First
             && let Some(record) = self.lookup(kv, &key).await?
@@ -196,9 +214,15 @@ impl Publisher {
             self.partitions,
         );
         let subject = address.subject();
+        let headers = headers(event)?;
+        let max_payload = self.client.server_info().max_payload;
+        let size = wire_len(&headers) + event.body.len();
+        if max_payload > 0 && size > max_payload {
+            return Err(PublishError::TooLarge { size, max_payload });
+        }
         let ack = self
             .js
-            .publish_with_headers(subject.clone(), headers(event)?, event.body.clone())
+            .publish_with_headers(subject.clone(), headers, event.body.clone())
             .await
             .map_err(|e| js_error("publish", e))?
             .await
@@ -253,6 +277,54 @@ impl Publisher {
             correlation_id: record.correlation_id,
         }
     }
+}
+
+/// Checks the event's values against the limits NATS sets (see
+/// [`limits`]) before anything is sent.
+fn check(event: &Inbound) -> Result<(), TooLong> {
+    let fields = &event.fields;
+    limits::check(&limits::Values {
+        event_id: fields.event_id.as_deref(),
+        event_type: &fields.event_type,
+        domain: &fields.domain,
+        entity_id: &fields.entity_id,
+        entity_version: fields.entity_version.as_deref(),
+        idempotency_key: &event.idempotency_key,
+        content_type: event.content_type.as_deref(),
+    })
+}
+
+/// The `hook_idempotency` key of an idempotency key: its readable escaped
+/// form ([`kv_key`]) when that is at most [`RECORD_KEY_MAX`] bytes, else
+/// `sha256.` and the hex digest of the key. A `.` never appears in an
+/// escaped key, so the two forms cannot collide; every key a provider's
+/// event id can give (its length is limited) keeps the readable form.
+pub fn record_key(idempotency_key: &str) -> String {
+    let escaped = kv_key(idempotency_key);
+    if escaped.len() <= RECORD_KEY_MAX {
+        return escaped;
+    }
+    use sha2::Digest;
+    format!(
+        "sha256.{}",
+        hex::encode(sha2::Sha256::digest(idempotency_key.as_bytes()))
+    )
+}
+
+/// The size headers take on the wire (`NATS/1.0`, a line per value, a
+/// blank line), as the server counts it against `max_payload`.
+pub fn wire_len(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|value| name.len() + 2 + value.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + 2
 }
 
 fn js_error(

@@ -14,11 +14,12 @@ use tracing::{error, info, warn};
 use futures::FutureExt;
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{Config, HEADER_BUDGET};
 use crate::deploy::follow::Follower;
 use crate::dispatch::services::NatsServices;
 use crate::dispatch::{Dispatch, DispatchError, version_of};
 use crate::dlq;
+use crate::edge;
 use crate::ingress::{self, Ingress};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
@@ -197,9 +198,24 @@ pub async fn run(
     // installed is always uninstalled below.
     let telemetry = crate::telemetry::start(&config.telemetry)?;
     let shutdown = shutdown.shared();
-    let webhook = axum::serve(listeners.webhook, app).with_graceful_shutdown(shutdown.clone());
-    let admin = axum::serve(listeners.admin, admin).with_graceful_shutdown(shutdown);
-    let http = async { tokio::try_join!(webhook.into_future(), admin.into_future()).map(drop) };
+    let limits = edge::Limits::from(&config.http);
+    let webhook = edge::serve(
+        listeners.webhook,
+        app,
+        limits.clone(),
+        metrics.edge().clone(),
+        "webhook",
+        shutdown.clone(),
+    );
+    let admin = edge::serve(
+        listeners.admin,
+        admin,
+        limits,
+        metrics.edge().clone(),
+        "admin",
+        shutdown,
+    );
+    let http = async { tokio::try_join!(webhook, admin).map(drop) };
 
     let relays = (config.outbox.iter())
         .map(|entry| {
@@ -345,12 +361,38 @@ async fn start_background(bg: Background) -> ServeError {
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {
     let max_payload = client.server_info().max_payload;
-    if max_payload > 0 && max_payload < config.http.max_body_bytes + 4096 {
+    if payload_too_small(max_payload, config.http.max_body_bytes) {
         warn!(
             max_payload,
             max_body_bytes = config.http.max_body_bytes,
-            "nats-server's max_payload is below http.max_body_bytes plus headers: \
-             the largest accepted webhooks cannot be stored; raise max_payload or lower max_body_bytes"
+            header_budget = HEADER_BUDGET,
+            "nats-server's max_payload is below http.max_body_bytes plus the header budget: \
+             the largest webhooks the listener accepts are answered 413 when they cannot be stored; \
+             raise max_payload or lower max_body_bytes"
         );
+    }
+}
+
+/// Whether a server's `max_payload` (0: not known yet) cannot hold the
+/// largest body the listener accepts plus the header budget.
+fn payload_too_small(max_payload: usize, max_body_bytes: usize) -> bool {
+    max_payload > 0 && max_payload < max_body_bytes.saturating_add(HEADER_BUDGET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DEFAULT_MAX_BODY_BYTES, HttpConfig};
+
+    #[test]
+    fn the_defaults_fit_a_default_nats_server_without_a_warning() {
+        let nats_default = 1024 * 1024;
+        assert!(!payload_too_small(
+            nats_default,
+            HttpConfig::default().max_body_bytes
+        ));
+        assert!(!payload_too_small(nats_default, DEFAULT_MAX_BODY_BYTES));
+        assert!(payload_too_small(nats_default, 1024 * 1024));
+        assert!(!payload_too_small(0, usize::MAX), "unknown yet: no warning");
     }
 }

@@ -13,6 +13,8 @@
 
 use std::fmt::Write;
 
+pub mod limits;
+
 /// The prefix of every event subject.
 pub const EVENT_PREFIX: &str = "hook";
 

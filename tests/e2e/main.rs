@@ -9,6 +9,7 @@ mod support;
 
 mod deploy;
 mod dlq;
+mod edge;
 mod erp;
 mod handlers;
 mod ingest;

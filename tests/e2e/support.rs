@@ -35,6 +35,8 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// More TOML appended to the config (e.g. `[[outbox]]` entries).
     pub extra_toml: String,
+    /// More keys of `[http]` (e.g. `header_read_timeout = "1s"`).
+    pub http_toml: String,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             handlers: Vec::new(),
             admin_token: None,
             extra_toml: String::new(),
+            http_toml: String::new(),
         }
     }
 }
@@ -64,6 +67,7 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         handlers: _,
         admin_token,
         extra_toml,
+        http_toml,
     } = options;
     let token = admin_token
         .as_ref()
@@ -77,6 +81,7 @@ url = "{nats_url}"
 [http]
 listen = "{listen}"
 max_body_bytes = {max_body_bytes}
+{http_toml}
 
 [admin]
 listen = "127.0.0.1:0"

@@ -5,7 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderName};
+use ::http::{HeaderMap, HeaderName};
 
 use super::*;
 use crate::verify::sign;
@@ -142,7 +142,7 @@ fn example_loads_and_skips_the_unset_crm_rotation_secret() {
         config.http.listen,
         "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
     );
-    assert_eq!(config.http.max_body_bytes, 1_048_576);
+    assert_eq!(config.http.max_body_bytes, 1_040_384);
 
     let ingest = &config.ingest;
     assert_eq!(ingest.duplicate_window, Duration::from_secs(2 * 60));
@@ -318,7 +318,7 @@ fn dev_config_loads_with_an_empty_env() {
         config.http.listen,
         "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
     );
-    assert_eq!(config.http.max_body_bytes, 1024 * 1024);
+    assert_eq!(config.http.max_body_bytes, 1024 * 1024 - 8 * 1024);
     assert_eq!(config.ingest.partitions, 16);
     assert_eq!(config.ingest.duplicate_window, Duration::from_secs(120));
 
@@ -685,7 +685,7 @@ fn an_empty_file_gives_the_defaults() {
         config.http.listen,
         "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
     );
-    assert_eq!(config.http.max_body_bytes, 1024 * 1024);
+    assert_eq!(config.http.max_body_bytes, 1024 * 1024 - 8 * 1024);
     assert_eq!(config.ingest.duplicate_window, Duration::from_secs(120));
     assert_eq!(
         config.ingest.idempotency_ttl,

@@ -115,6 +115,15 @@ pub enum EmitError {
         /// The emit's index within the invocation.
         index: usize,
     },
+    /// A value longer than NATS can carry in a subject or header.
+    #[error("emit {index}: {source}")]
+    TooLong {
+        /// The emit's index within the invocation.
+        index: usize,
+        /// Which value, and its limit.
+        #[source]
+        source: crate::subject::limits::TooLong,
+    },
     /// A value that cannot be a message header.
     #[error("emit {index}: {source}")]
     Header {
@@ -136,6 +145,13 @@ pub enum EmitError {
     /// JetStream did not acknowledge an emit.
     #[error("emit: PubAck: {0}")]
     PubAck(#[source] jetstream::context::PublishError),
+}
+
+impl EmitError {
+    /// Whether retrying cannot help: the emit itself is unstorable.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, EmitError::TooLong { .. })
+    }
 }
 
 /// Publishes a handler's emits and waits for every PubAck. Each carries
@@ -163,6 +179,16 @@ pub async fn publish_emits(
         }
         let id = format!("{handler}:{}:{index}", source.idempotency_key);
         let domain = default_domain(&emit.event_type).to_string();
+        crate::subject::limits::check(&crate::subject::limits::Values {
+            event_id: Some(&id),
+            event_type: &emit.event_type,
+            domain: &domain,
+            entity_id: &emit.entity_id,
+            entity_version: None,
+            idempotency_key: &id,
+            content_type: None,
+        })
+        .map_err(|source| EmitError::TooLong { index, source })?;
         let address = EventAddress::new(
             handler,
             &domain,

@@ -464,7 +464,14 @@ impl Dispatch {
             )
             .await
             .map(|()| invoked.emits.len())
-            .map_err(|error| Failed::new(Reason::Transient, error.to_string())),
+            .map_err(|error| {
+                let reason = if error.is_permanent() {
+                    Reason::Permanent
+                } else {
+                    Reason::Transient
+                };
+                Failed::new(reason, error.to_string())
+            }),
             Verdict::Transient {
                 reason,
                 retry_after,

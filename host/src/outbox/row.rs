@@ -118,6 +118,8 @@ impl Outcome {
             // A value no retry changes; an idempotency record that no
             // retry makes readable.
             PublishError::Header(_)
+            | PublishError::TooLong(_)
+            | PublishError::TooLarge { .. }
             | PublishError::EncodeRecord(_)
             | PublishError::CorruptRecord { .. } => Outcome::Fail(text),
         }

@@ -83,6 +83,13 @@ impl NatsServer {
         self.port
     }
 
+    /// What the server has logged since its last start (empty when the
+    /// log cannot be read).
+    pub fn log(&self) -> String {
+        let log = self.dir.path().join(format!("server-{}.log", self.starts));
+        fs::read_to_string(log).unwrap_or_default()
+    }
+
     /// The binary this server runs.
     pub fn binary(&self) -> &Path {
         &self.bin
