@@ -7,6 +7,7 @@
 
 mod support;
 
+mod cluster;
 mod deploy;
 mod dlq;
 mod erp;
@@ -21,4 +22,5 @@ mod outbox;
 mod ownership;
 mod processes;
 mod runtime;
+mod security;
 mod streams;

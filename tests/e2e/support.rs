@@ -35,6 +35,10 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// More TOML appended to the config (e.g. `[[outbox]]` entries).
     pub extra_toml: String,
+    /// More keys of `[nats]` (credentials, TLS, `replicas`).
+    pub nats_toml: String,
+    /// What the host does.
+    pub role: hookmesh::server::Role,
 }
 
 impl Default for Options {
@@ -48,6 +52,8 @@ impl Default for Options {
             handlers: Vec::new(),
             admin_token: None,
             extra_toml: String::new(),
+            nats_toml: String::new(),
+            role: hookmesh::server::Role::All,
         }
     }
 }
@@ -64,6 +70,8 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         handlers: _,
         admin_token,
         extra_toml,
+        nats_toml,
+        role: _,
     } = options;
     let token = admin_token
         .as_ref()
@@ -73,6 +81,7 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         r#"
 [nats]
 url = "{nats_url}"
+{nats_toml}
 
 [http]
 listen = "{listen}"
@@ -204,6 +213,7 @@ impl TestHost {
                 streams: Mode::Update,
                 handlers: options.handlers.clone(),
                 cache_dir: Some(guest_cache_dir()),
+                role: options.role,
             },
             async {
                 let _ = stopped.await;
