@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use hookmesh::config::{Config, Env, Origin};
-use hookmesh::streams::replicas::{Replication, replication};
 use hookmesh_test_support::NatsCluster;
 use tokio::sync::watch;
 
@@ -121,19 +120,16 @@ impl Bed {
 
     /// Waits until every hookmesh stream has `replicas` current replicas.
     async fn wait_current(&self, replicas: usize) {
-        wait_for(Duration::from_secs(60), "every replica current", || async {
-            for name in hookmesh::streams::names() {
-                let Ok(mut stream) = self.js.get_stream(name).await else {
-                    return false;
-                };
-                match stream.info().await {
-                    Ok(info) if replication(info, replicas) == Replication::Current => {}
-                    _ => return false,
-                }
-            }
-            true
-        })
-        .await;
+        for name in hookmesh::streams::names() {
+            hookmesh::streams::replicas::wait_current(
+                &self.js,
+                name,
+                replicas,
+                Duration::from_secs(120),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }
 
@@ -303,32 +299,37 @@ async fn check(bed: &Bed, tally: &Tally) {
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
     assert_eq!(stored.len(), accepted, "nothing stored that was not 2xx'd");
 
+    let mut again = 0;
     for (entity, ids) in &tally.accepted {
         wait_for(Duration::from_secs(60), "the handler caught up", || async {
-            seen(&bed.js, entity).await.len() >= ids.len()
+            seen(&bed.js, entity).await.0.len() >= ids.len()
         })
         .await;
-        assert_eq!(
-            &seen(&bed.js, entity).await,
-            ids,
-            "{entity}: complete, in order"
-        );
+        let (first, repeats) = seen(&bed.js, entity).await;
+        assert_eq!(&first, ids, "{entity}: each event first handled in order");
+        again += repeats;
     }
+    eprintln!("{again} events handled again (an ack lost with a killed node)");
 }
 
-/// The ids the recorder saw for `entity`, repeats in a row (a redelivery
-/// after a lost ack) folded.
-async fn seen(js: &jetstream::Context, entity: &str) -> Vec<String> {
+/// The ids the recorder saw for `entity` in the order each was first
+/// handled, and how many runs repeated one handled before: a node killed
+/// with an ack it had not yet replicated redelivers an event that was
+/// handled already (at least once), never one before its predecessor.
+async fn seen(js: &jetstream::Context, entity: &str) -> (Vec<String>, usize) {
     let text = crate::handlers::state(js, "rec", &format!("seen/{entity}"))
         .await
         .unwrap_or_default();
-    let mut out: Vec<String> = Vec::new();
+    let mut first: Vec<String> = Vec::new();
+    let mut repeats = 0;
     for id in text.lines() {
-        if out.last().map(String::as_str) != Some(id) {
-            out.push(id.to_string());
+        if first.iter().any(|f| f == id) {
+            repeats += 1;
+        } else {
+            first.push(id.to_string());
         }
     }
-    out
+    (first, repeats)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,12 +345,12 @@ async fn r3_keeps_every_event_while_nodes_die_and_return() {
     .await;
     let config = load(&bed.config);
     let load_run = Load::start(&config, &[&a, &b]);
-    accepted_more(&load_run, 50, "load under way").await;
+    accepted_more(&load_run, 30, "load under way").await;
 
     // One node down: the streams keep a quorum.
     let first = bed.events_leader().await.unwrap_or(0);
     bed.cluster.kill(first);
-    accepted_more(&load_run, 50, "events accepted with a node down").await;
+    accepted_more(&load_run, 30, "events accepted with a node down").await;
     for host in [&a, &b] {
         wait_for(
             Duration::from_secs(30),
@@ -360,12 +361,12 @@ async fn r3_keeps_every_event_while_nodes_die_and_return() {
     }
     bed.cluster.restart(first).expect("node restarts");
     bed.wait_current(3).await;
-    accepted_more(&load_run, 50, "events accepted after the restart").await;
+    accepted_more(&load_run, 30, "events accepted after the restart").await;
 
     // Another node down.
     let second = (first + 1) % 3;
     bed.cluster.kill(second);
-    accepted_more(&load_run, 50, "events accepted with another node down").await;
+    accepted_more(&load_run, 30, "events accepted with another node down").await;
     for host in [&a, &b] {
         wait_for(Duration::from_secs(30), "ready again", || async {
             readyz(host).await == 200
@@ -424,7 +425,7 @@ async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
     .await;
     let config = load(&bed.config);
     let load_run = Load::start(&config, &[&a, &b]);
-    accepted_more(&load_run, 100, "load under way").await;
+    accepted_more(&load_run, 60, "load under way").await;
 
     let holder = bed.events_leader().await.expect("HOOK_EVENTS has a leader");
     std::fs::write(
@@ -438,7 +439,7 @@ async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
     assert!(out.contains("Rescaled { from: 1, to: 3 }"), "{out}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     bed.cluster.kill(holder);
-    accepted_more(&load_run, 100, "events accepted after the kill").await;
+    accepted_more(&load_run, 60, "events accepted after the kill").await;
     let tally = load_run.finish().await;
     bed.cluster.restart(holder).expect("node restarts");
     bed.wait_current(3).await;
