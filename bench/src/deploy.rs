@@ -135,6 +135,7 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
                 streams: Mode::Ensure,
                 handlers: Vec::new(),
                 cache_dir: Some(cache_dir()),
+                role: hookmesh::server::Role::All,
             },
             async move {
                 let _ = stopped.wait_for(|s| *s).await;

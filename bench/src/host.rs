@@ -90,6 +90,7 @@ pub fn spawn(
             streams: hookmesh::streams::Mode::Update,
             handlers,
             cache_dir: Some(crate::dispatch::cache_dir()),
+            role: hookmesh::server::Role::All,
         },
         async move {
             // A dropped sender stops the host as well as a sent ().

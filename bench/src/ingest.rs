@@ -215,6 +215,7 @@ async fn hookmesh_side(url: &str, args: &Args) -> anyhow::Result<Vec<Measured>> 
             streams: Mode::Update,
             handlers: Vec::new(),
             cache_dir: None,
+            role: hookmesh::server::Role::All,
         },
         async move {
             // A dropped sender stops the host as well as a sent ().

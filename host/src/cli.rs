@@ -62,6 +62,10 @@ pub enum Command {
         /// Where compiled components are cached.
         #[arg(long, value_name = "DIR", default_value = ".hookmesh/cache")]
         cache_dir: PathBuf,
+        /// What this host does: `ingress` (webhooks into NATS only),
+        /// `worker` (handlers only) or `all`.
+        #[arg(long, value_enum, default_value = "all")]
+        role: server::Role,
     },
     /// Streams, buckets and stores.
     Streams {
@@ -215,7 +219,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             handlers,
             cache_dir,
-        } => serve(config, handlers.as_deref(), cache_dir).await,
+            role,
+        } => serve(config, handlers.as_deref(), cache_dir, role).await,
         Command::Streams {
             command: StreamsCommand::Apply,
         } => apply_streams(&config).await,
@@ -306,6 +311,7 @@ async fn up(
         streams: Mode::Update,
         handlers: Vec::new(),
         cache_dir: Some(cache_dir),
+        role: server::Role::All,
     };
     let shutdown = async move {
         shutdown_signal().await;
@@ -325,6 +331,7 @@ async fn serve(
     config: Config,
     handlers_dir: Option<&Path>,
     cache_dir: PathBuf,
+    role: server::Role,
 ) -> anyhow::Result<()> {
     if config.origin == Origin::Builtin {
         bail!(
@@ -341,6 +348,7 @@ async fn serve(
         streams: Mode::Ensure,
         handlers,
         cache_dir: Some(cache_dir),
+        role,
     };
     Ok(server::run(config, listeners, options, shutdown_signal()).await?)
 }
@@ -360,7 +368,9 @@ async fn status(config: &Config, json: bool, audit: usize) -> anyhow::Result<()>
 async fn apply_streams(config: &Config) -> anyhow::Result<()> {
     let client = nats::connect(&config.nats, "hookmesh-cli", Patience::FailFast).await?;
     let js = async_nats::jetstream::new(client);
-    for (stream, outcome) in streams::apply(&js, &config.ingest, Mode::Update).await? {
+    for (stream, outcome) in
+        streams::apply_replicated(&js, &config.ingest, config.nats.replicas, Mode::Update).await?
+    {
         println!("{stream:<24} {outcome:?}");
     }
     Ok(())

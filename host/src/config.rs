@@ -24,9 +24,11 @@ use serde::Deserialize;
 use crate::verify::{Encoding, GenericHmac, Scheme, SecretKey, Verifier};
 
 mod http;
+mod nats;
 mod outbox;
 mod outgoing;
 pub use http::{DEFAULT_MAX_BODY_BYTES, HEADER_BUDGET, HttpConfig};
+pub use nats::{Creds, MAX_REPLICAS, NatsAuth, NatsConfig};
 pub use outbox::OutboxConfig;
 mod telemetry;
 pub use telemetry::TelemetryConfig;
@@ -214,29 +216,6 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Things worth a warning at start (e.g. a skipped rotation secret).
     pub warnings: Vec<String>,
-}
-
-/// How to reach NATS.
-#[derive(Debug, Clone)]
-pub struct NatsConfig {
-    /// Server URLs; the client picks any and fails over between them.
-    pub urls: Vec<String>,
-    /// A `.creds` file (JWT + nkey).
-    pub creds_file: Option<PathBuf>,
-    /// User name for user/password authentication.
-    pub user: Option<String>,
-    /// Password for user/password authentication (a resolved secret).
-    pub password: Option<Redacted>,
-    /// Token authentication (a resolved secret).
-    pub token: Option<Redacted>,
-    /// A CA certificate (PEM) to trust for TLS.
-    pub tls_ca: Option<PathBuf>,
-    /// A client certificate (PEM) for mutual TLS; needs `tls_key`.
-    pub tls_cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    pub tls_key: Option<PathBuf>,
-    /// Refuse to talk to a server without TLS.
-    pub tls_required: bool,
 }
 
 /// A secret value that never shows in `Debug` output or logs.
@@ -441,7 +420,7 @@ type KeyError = (String, String);
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
-    nats: RawNats,
+    nats: nats::RawNats,
     http: http::RawHttp,
     ingest: RawIngest,
     providers: BTreeMap<String, RawProvider>,
@@ -505,102 +484,6 @@ struct RawLog {
 #[serde(deny_unknown_fields, default)]
 struct RawOperator {
     actor: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawNats {
-    url: OneOrMany,
-    creds_file: Option<PathBuf>,
-    user: Option<String>,
-    password: Option<String>,
-    token: Option<String>,
-    tls_ca: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_required: Lenient<bool>,
-}
-
-impl Default for RawNats {
-    fn default() -> Self {
-        RawNats {
-            url: OneOrMany(vec!["nats://127.0.0.1:4222".into()]),
-            creds_file: None,
-            user: None,
-            password: None,
-            token: None,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
-            tls_required: Lenient(false),
-        }
-    }
-}
-
-impl RawNats {
-    fn resolve(self, env: &Env) -> Result<NatsConfig, KeyError> {
-        // `HOOKMESH_NATS_URL=nats://a:4222,nats://b:4222` is a list too.
-        let urls: Vec<String> = (self.url.0.iter())
-            .flat_map(|u| u.split(','))
-            .map(|u| u.trim().to_string())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if urls.is_empty() {
-            return Err(("nats.url".into(), "at least one URL is needed".into()));
-        }
-        for url in &urls {
-            url.parse::<async_nats::ServerAddr>().map_err(|e| {
-                (
-                    "nats.url".to_string(),
-                    format!("{url:?} is not a NATS URL: {e}"),
-                )
-            })?;
-        }
-        if self.password.is_some() != self.user.is_some() {
-            return Err(("nats.user".into(), "user and password go together".into()));
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err((
-                "nats.tls_cert".into(),
-                "tls_cert and tls_key go together".into(),
-            ));
-        }
-        let files = [
-            ("nats.creds_file", &self.creds_file),
-            ("nats.tls_ca", &self.tls_ca),
-            ("nats.tls_cert", &self.tls_cert),
-            ("nats.tls_key", &self.tls_key),
-        ];
-        for (key, file) in files {
-            if let Some(path) = file.as_ref().filter(|p| !p.is_file()) {
-                return Err((
-                    key.into(),
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-        }
-        let secret = |key: &str, value: Option<String>| -> Result<Option<Redacted>, KeyError> {
-            match value {
-                None => Ok(None),
-                Some(reference) => match resolve_secret(&reference, env) {
-                    Ok(Some(v)) => Ok(Some(Redacted(v))),
-                    Ok(None) => Err((key.into(), format!("{} is not set", env_name(&reference)))),
-                    Err(message) => Err((key.into(), message)),
-                },
-            }
-        };
-        Ok(NatsConfig {
-            urls,
-            creds_file: self.creds_file,
-            user: self.user,
-            password: secret("nats.password", self.password)?,
-            token: secret("nats.token", self.token)?,
-            tls_ca: self.tls_ca,
-            tls_cert: self.tls_cert,
-            tls_key: self.tls_key,
-            tls_required: self.tls_required.0,
-        })
-    }
 }
 
 #[derive(Debug, Deserialize)]

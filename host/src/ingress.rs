@@ -27,8 +27,8 @@ use crate::logging::clip;
 use crate::metrics::Metrics;
 use crate::publish::{Inbound, PublishError, Publisher, Receipt, Stored};
 use crate::streams;
-use crate::telemetry::{self, KeyValue, SpanKind, Trace, names};
 use crate::subject::limits::TooLong;
+use crate::telemetry::{self, KeyValue, SpanKind, Trace, names};
 
 /// The header a caller may set to choose the correlation id.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";

@@ -17,6 +17,12 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
+            // A forbidden request fails as a timeout; the server said why.
+            if let Some(denied) = hookmesh::nats::last_denial() {
+                eprintln!(
+                    "NATS refused: {denied} — this NATS user lacks the permission (see nats/roles.conf)"
+                );
+            }
             std::process::ExitCode::FAILURE
         }
     }

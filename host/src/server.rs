@@ -76,6 +76,8 @@ pub struct Options {
     pub handlers: Vec<Manifest>,
     /// Where compiled components are cached.
     pub cache_dir: Option<PathBuf>,
+    /// What this process does (each role needs its own NATS permissions).
+    pub role: Role,
 }
 
 impl Options {
@@ -85,7 +87,34 @@ impl Options {
             streams: Mode::Ensure,
             handlers: Vec::new(),
             cache_dir: None,
+            role: Role::Ingress,
         }
+    }
+}
+
+/// What a host process does. Split roles let the internet-facing ingress
+/// run with NATS permissions that can store events and nothing else
+/// (`nats/roles.conf` has the least each role needs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Both: webhooks in, handlers run (the default).
+    #[default]
+    All,
+    /// Webhooks (and outbox relays) into `HOOK_EVENTS`; no handlers, no
+    /// dead-letter writer.
+    Ingress,
+    /// Handlers, the dead-letter writer and replays; the webhook listener
+    /// is not served.
+    Worker,
+}
+
+impl Role {
+    fn ingests(self) -> bool {
+        self != Role::Worker
+    }
+
+    fn works(self) -> bool {
+        self != Role::Ingress
     }
 }
 
@@ -199,14 +228,29 @@ pub async fn run(
     let telemetry = crate::telemetry::start(&config.telemetry)?;
     let shutdown = shutdown.shared();
     let limits = edge::Limits::from(&config.http);
-    let webhook = edge::serve(
-        listeners.webhook,
-        app,
-        limits.clone(),
-        metrics.edge().clone(),
-        "webhook",
-        shutdown.clone(),
-    );
+    let role = options.role;
+    let webhook_listener = listeners.webhook;
+    let webhook_shutdown = shutdown.clone();
+    let webhook_limits = limits.clone();
+    let webhook_metrics = metrics.edge().clone();
+    let webhook = async move {
+        if role.ingests() {
+            edge::serve(
+                webhook_listener,
+                app,
+                webhook_limits,
+                webhook_metrics,
+                "webhook",
+                webhook_shutdown,
+            )
+            .await
+        } else {
+            info!("role worker: the webhook listener is not served");
+            drop(webhook_listener);
+            webhook_shutdown.await;
+            Ok(())
+        }
+    };
     let admin = edge::serve(
         listeners.admin,
         admin,
@@ -240,6 +284,7 @@ pub async fn run(
         stopped,
         workers: workers.clone(),
         relays,
+        role,
     });
     let result = tokio::select! {
         served = http => served.map_err(ServeError::Http),
@@ -279,6 +324,7 @@ struct Background {
     workers: Workers,
     /// The outbox relays, started once the streams they store into exist.
     relays: Vec<outbox::Relay>,
+    role: Role,
 }
 
 /// The background tasks `run` waits for on shutdown. A std `Mutex`: it is
@@ -297,7 +343,9 @@ async fn start_background(bg: Background) -> ServeError {
     let js = async_nats::jetstream::new(bg.client.clone());
     let mut delay = Duration::from_millis(200);
     loop {
-        match streams::apply(&js, &bg.config.ingest, bg.mode).await {
+        match streams::apply_replicated(&js, &bg.config.ingest, bg.config.nats.replicas, bg.mode)
+            .await
+        {
             Ok(outcomes) => {
                 for (stream, outcome) in outcomes {
                     info!(%stream, ?outcome, "stream ready");
@@ -316,6 +364,16 @@ async fn start_background(bg: Background) -> ServeError {
             }
         }
     }
+    if !bg.role.works() {
+        {
+            let mut workers = lock(&bg.workers);
+            for relay in bg.relays {
+                workers.spawn(relay.run(bg.stopped.clone()));
+            }
+        }
+        info!("role ingress: no handlers run here");
+        return std::future::pending().await;
+    }
     {
         let mut workers = lock(&bg.workers);
         workers.spawn(dlq::writer::run(
@@ -328,8 +386,10 @@ async fn start_background(bg: Background) -> ServeError {
             bg.metrics.clone(),
             bg.stopped.clone(),
         ));
-        for relay in bg.relays {
-            workers.spawn(relay.run(bg.stopped.clone()));
+        if bg.role.ingests() {
+            for relay in bg.relays {
+                workers.spawn(relay.run(bg.stopped.clone()));
+            }
         }
     }
     let services = match NatsServices::open(&js).await {

@@ -18,6 +18,8 @@ use async_nats::jetstream::{self, stream};
 
 use crate::config::IngestConfig;
 
+pub mod replicas;
+
 /// The stream every event lives in.
 pub const EVENTS_STREAM: &str = "HOOK_EVENTS";
 /// The KV bucket of idempotency keys.
@@ -129,17 +131,42 @@ pub enum Outcome {
     Created,
     /// It differed and was updated.
     Updated,
+    /// Its replica count was changed (and the new replicas caught up).
+    Rescaled {
+        /// Replicas before.
+        from: usize,
+        /// Replicas now.
+        to: usize,
+    },
     /// It was already as defined (or left alone in [`Mode::Ensure`]).
     Unchanged,
+    /// Left alone in [`Mode::Ensure`] although its replica count is not
+    /// `[nats] replicas`: `hookmesh streams apply` changes it.
+    ReplicaMismatch {
+        /// Replicas the stream has.
+        actual: usize,
+        /// Replicas the config asks for.
+        wanted: usize,
+    },
 }
 
-/// The full definitions, with the config's values applied.
+/// The full definitions, with the config's values applied, each stream
+/// with one replica.
 pub fn definitions(ingest: &IngestConfig) -> Result<Vec<stream::Config>, StreamsError> {
+    definitions_replicated(ingest, 1)
+}
+
+/// The full definitions with `replicas` replicas each (`[nats] replicas`).
+pub fn definitions_replicated(
+    ingest: &IngestConfig,
+    replicas: usize,
+) -> Result<Vec<stream::Config>, StreamsError> {
     DEFINITIONS
         .iter()
         .map(|(name, json)| {
             let mut config = serde_json::from_str::<stream::Config>(json)
                 .map_err(|source| StreamsError::Definition { name, source })?;
+            config.num_replicas = replicas;
             if config.name == EVENTS_STREAM {
                 config.max_age = ingest.max_age;
                 config.duplicate_window = ingest.duplicate_window;
@@ -184,14 +211,27 @@ fn described_partitions(description: Option<&str>) -> Option<u32> {
         .ok()
 }
 
-/// Creates (and in [`Mode::Update`] updates) every stream and bucket.
+/// Creates (and in [`Mode::Update`] updates) every stream and bucket, each
+/// with one replica (a single server).
 pub async fn apply(
     js: &jetstream::Context,
     ingest: &IngestConfig,
     mode: Mode,
 ) -> Result<Vec<(String, Outcome)>, StreamsError> {
+    apply_replicated(js, ingest, 1, mode).await
+}
+
+/// Creates (and in [`Mode::Update`] updates) every stream and bucket with
+/// `replicas` replicas. A stream whose replica count changes is reported
+/// done only once every replica is current (see [`replicas`]).
+pub async fn apply_replicated(
+    js: &jetstream::Context,
+    ingest: &IngestConfig,
+    replicas: usize,
+    mode: Mode,
+) -> Result<Vec<(String, Outcome)>, StreamsError> {
     let mut outcomes = Vec::new();
-    for wanted in definitions(ingest)? {
+    for wanted in definitions_replicated(ingest, replicas)? {
         let name = wanted.name.clone();
         let server = |e: &dyn std::fmt::Display| StreamsError::Server {
             stream: name.clone(),
@@ -208,11 +248,30 @@ pub async fn apply(
                 if name == EVENTS_STREAM {
                     check_partitions(&current, ingest.partitions)?;
                 }
-                if mode == Mode::Update && differs(&current, &wanted) {
-                    js.update_stream(wanted).await.map_err(|e| server(&e))?;
-                    Outcome::Updated
-                } else {
-                    Outcome::Unchanged
+                let (from, to) = (current.num_replicas.max(1), wanted.num_replicas);
+                match mode {
+                    Mode::Update if from != to => {
+                        replicas::rescale(js, wanted, from).await?;
+                        Outcome::Rescaled { from, to }
+                    }
+                    Mode::Update if differs(&current, &wanted) => {
+                        js.update_stream(wanted).await.map_err(|e| server(&e))?;
+                        Outcome::Updated
+                    }
+                    Mode::Ensure if from != to => {
+                        tracing::warn!(
+                            stream = %name,
+                            replicas = from,
+                            wanted = to,
+                            "the stream's replica count differs from nats.replicas; \
+                             `hookmesh streams apply` changes it"
+                        );
+                        Outcome::ReplicaMismatch {
+                            actual: from,
+                            wanted: to,
+                        }
+                    }
+                    _ => Outcome::Unchanged,
                 }
             }
             Err(e) if is_not_found(&e) => {

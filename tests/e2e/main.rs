@@ -7,6 +7,7 @@
 
 mod support;
 
+mod cluster;
 mod deploy;
 mod dlq;
 mod edge;
@@ -22,5 +23,6 @@ mod outbox;
 mod ownership;
 mod processes;
 mod runtime;
+mod security;
 mod streams;
 mod traces;

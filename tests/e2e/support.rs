@@ -37,6 +37,10 @@ pub struct Options {
     pub extra_toml: String,
     /// More keys of `[http]` (e.g. `header_read_timeout = "1s"`).
     pub http_toml: String,
+    /// More keys of `[nats]` (credentials, TLS, `replicas`).
+    pub nats_toml: String,
+    /// What the host does.
+    pub role: hookmesh::server::Role,
 }
 
 impl Default for Options {
@@ -51,6 +55,8 @@ impl Default for Options {
             admin_token: None,
             extra_toml: String::new(),
             http_toml: String::new(),
+            nats_toml: String::new(),
+            role: hookmesh::server::Role::All,
         }
     }
 }
@@ -68,6 +74,8 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         admin_token,
         extra_toml,
         http_toml,
+        nats_toml,
+        role: _,
     } = options;
     let token = admin_token
         .as_ref()
@@ -77,6 +85,7 @@ pub fn config_toml(nats_url: &str, options: &Options) -> String {
         r#"
 [nats]
 url = "{nats_url}"
+{nats_toml}
 
 [http]
 listen = "{listen}"
@@ -209,6 +218,7 @@ impl TestHost {
                 streams: Mode::Update,
                 handlers: options.handlers.clone(),
                 cache_dir: Some(guest_cache_dir()),
+                role: options.role,
             },
             async {
                 let _ = stopped.await;

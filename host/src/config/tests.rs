@@ -133,10 +133,9 @@ fn example_loads_and_skips_the_unset_crm_rotation_secret() {
     );
 
     assert_eq!(config.nats.urls, ["nats://127.0.0.1:4222"]);
-    assert_eq!(config.nats.user, None);
-    assert_eq!(config.nats.password, None);
-    assert_eq!(config.nats.token, None);
+    assert_eq!(config.nats.auth, NatsAuth::None);
     assert!(!config.nats.tls_required);
+    assert_eq!(config.nats.replicas, 1);
 
     assert_eq!(
         config.http.listen,
@@ -805,20 +804,27 @@ fn an_empty_file_secret_is_an_error() {
 fn nats_secrets_resolve_from_env_and_file() {
     let password = TempFile::new("nats-password", "nats-file-password\n");
     let file = format!(
-        "[nats]\nuser = \"hookmesh\"\npassword = {:?}\ntoken = \"env:NATS_TOKEN\"\n",
+        "[nats]\nuser = \"hookmesh\"\npassword = {:?}\n",
         password.reference()
     );
-    let config = load_ok(&file, &vars(&[("NATS_TOKEN", "nats-env-token")]));
-    assert_eq!(config.nats.user.as_deref(), Some("hookmesh"));
+    let config = load_ok(&file, &Env::default());
     assert_eq!(
-        config.nats.password,
-        Some(Redacted("nats-file-password".into()))
+        config.nats.auth,
+        NatsAuth::UserPassword {
+            user: "hookmesh".into(),
+            password: Redacted("nats-file-password".into())
+        }
     );
-    assert_eq!(config.nats.token, Some(Redacted("nats-env-token".into())));
+    let file = "[nats]\ntoken = \"env:NATS_TOKEN\"\n";
+    let config = load_ok(file, &vars(&[("NATS_TOKEN", "nats-env-token")]));
+    assert_eq!(
+        config.nats.auth,
+        NatsAuth::Token(Redacted("nats-env-token".into()))
+    );
 
     // A NATS secret has no alternative: an unset variable is an error.
     assert_eq!(
-        load_err(&file, &Env::default()).to_string(),
+        load_err(file, &Env::default()).to_string(),
         "hookmesh.toml: nats.token: environment variable NATS_TOKEN is not set"
     );
 }
@@ -831,7 +837,6 @@ fn debug_output_of_a_config_never_shows_secrets() {
 [nats]
 user = "hookmesh"
 password = "nats-literal-password-4711"
-token = "env:NATS_TOKEN"
 
 [providers.crm]
 scheme = "standard-webhooks"
@@ -855,7 +860,6 @@ entity_id = "json:/id"
         shop_secret.reference()
     );
     let env = vars(&[
-        ("NATS_TOKEN", "nats-env-token-4711"),
         ("CRM_SECRET", CRM_LITERAL),
         ("GH_SECRET", "github-env-secret-4711"),
     ]);
@@ -864,7 +868,6 @@ entity_id = "json:/id"
 
     let secrets = [
         "nats-literal-password-4711",
-        "nats-env-token-4711",
         CRM_ROTATED,
         CRM_LITERAL,
         // The decoded key bytes of CRM_ROTATED, and its base64 body alone.

@@ -138,7 +138,7 @@ pub async fn run(
     let mut retry = Retry::default();
     loop {
         let applied = tokio::select! {
-            applied = streams::apply(&js, &config.ingest, Mode::Ensure) => applied,
+            applied = streams::apply_replicated(&js, &config.ingest, config.nats.replicas, Mode::Ensure) => applied,
             _ = &mut shutdown => return Ok(()),
         };
         match applied {

@@ -11,8 +11,10 @@
 //! else `nats-server` on `PATH`; the test scripts point `NATS_SERVER_BIN` at a
 //! pinned upstream release to run the suite against a second server version.
 
+pub mod cluster;
 pub mod postgres;
 
+pub use cluster::NatsCluster;
 pub use postgres::TestDatabase;
 
 use std::fs;
@@ -46,6 +48,20 @@ pub enum ServerError {
     },
 }
 
+/// How to start a server beyond the defaults (JetStream, loopback, a port
+/// the server picks, a temporary store).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// A configuration file (`-c`): accounts, permissions, TLS. The
+    /// command line's address, port and store directory win over its own.
+    pub config: Option<PathBuf>,
+    /// Environment variables of the process (e.g. passwords the
+    /// configuration refers to as `$NAME`).
+    pub env: Vec<(String, String)>,
+    /// More command-line arguments (cluster options).
+    pub args: Vec<String>,
+}
+
 /// One running `nats-server -js` owned by a test.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -54,11 +70,18 @@ pub struct NatsServer {
     port: u16,
     dir: tempfile::TempDir,
     starts: u32,
+    options: ServerOptions,
 }
 
 impl NatsServer {
     /// Starts a fresh server with JetStream on a port it picks itself.
     pub fn start() -> Result<Self, ServerError> {
+        Self::start_with(ServerOptions::default())
+    }
+
+    /// Starts a fresh server with a configuration file, environment or
+    /// more arguments.
+    pub fn start_with(options: ServerOptions) -> Result<Self, ServerError> {
         let dir = tempfile::Builder::new()
             .prefix("hookmesh-nats-")
             .tempdir()?;
@@ -68,9 +91,30 @@ impl NatsServer {
             port: 0,
             dir,
             starts: 0,
+            options,
         };
         server.spawn("-1")?;
         Ok(server)
+    }
+
+    /// The directory holding the store and the logs (removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the current run logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("server-{}.log", self.starts))
+    }
+
+    /// Replaces the extra command-line arguments used by the next
+    /// [`NatsServer::restart`].
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.options.args = args;
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.
@@ -81,13 +125,6 @@ impl NatsServer {
     /// The TCP port the server listens on (the same across restarts).
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    /// What the server has logged since its last start (empty when the
-    /// log cannot be read).
-    pub fn log(&self) -> String {
-        let log = self.dir.path().join(format!("server-{}.log", self.starts));
-        fs::read_to_string(log).unwrap_or_default()
     }
 
     /// The binary this server runs.
@@ -125,13 +162,19 @@ impl NatsServer {
 
     fn spawn(&mut self, port: &str) -> Result<(), ServerError> {
         self.starts += 1;
-        let log = self.dir.path().join(format!("server-{}.log", self.starts));
+        let log = self.log_path();
         let store = self.dir.path().join("store");
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.options.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
             .arg(&store)
             .arg("-l")
             .arg(&log)
+            .args(&self.options.args)
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -178,8 +221,13 @@ pub fn server_binary() -> PathBuf {
 /// Reads the client port from a line like
 /// `Listening for client connections on 127.0.0.1:41234`.
 fn listening_port(log: &str) -> Option<u16> {
+    port_after(log, "Listening for client connections on ")
+}
+
+/// The port at the end of the first log line containing `marker`.
+pub(crate) fn port_after(log: &str, marker: &str) -> Option<u16> {
     log.lines()
-        .find_map(|line| line.split("Listening for client connections on ").nth(1))
+        .find_map(|line| line.split(marker).nth(1))
         .and_then(|addr| addr.trim().rsplit(':').next())
         .and_then(|port| port.parse().ok())
 }

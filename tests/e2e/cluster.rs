@@ -1,0 +1,455 @@
+//! hookmesh on a 3-node JetStream cluster (`[nats] replicas = 3`): two
+//! `hookmesh serve` processes under webhook load while nodes are killed
+//! with SIGKILL and restarted. Every 2xx'd event is in `HOOK_EVENTS`
+//! exactly once, the handler handles each entity's events in order,
+//! `/readyz` follows the cluster's quorum, and a 503 answers only while a
+//! quorum is missing (or a new stream leader is being elected). Growing a
+//! running single-replica system to R3 with `streams apply` loses nothing
+//! either.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream;
+use hookmesh::config::{Config, Env, Origin};
+use hookmesh_test_support::NatsCluster;
+use tokio::sync::watch;
+
+use crate::security::{cli, stderr};
+use crate::support::*;
+
+/// Entities posting concurrently, each one event at a time in order.
+const ENTITIES: usize = 8;
+/// The pause between one entity's events (keeps the handler's backlog
+/// short, so the test ends soon after the load).
+const PACE: Duration = Duration::from_millis(60);
+
+fn recorder_manifest() -> &'static str {
+    "name = \"rec\"\nsubject = \"crm.ticket.>\"\nmax_deliver = 10\nack_wait = \"5s\"\n\
+     timeout = \"3s\"\n[backoff]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
+}
+
+fn ticket(entity: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"type": "ticket.updated", "data": {"id": entity}}))
+        .expect("json")
+}
+
+/// The cluster, a config for it, the CLI and a JetStream view.
+struct Bed {
+    cluster: NatsCluster,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    js: jetstream::Context,
+}
+
+impl Bed {
+    async fn new(replicas: usize) -> Bed {
+        let cluster = NatsCluster::start(3).expect("3-node cluster");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(dir.path(), &cluster.urls(), replicas);
+        let loaded = load(&config);
+        let client = hookmesh::nats::connect(
+            &loaded.nats,
+            "hookmesh-test",
+            hookmesh::nats::Patience::FailFast,
+        )
+        .await
+        .expect("connects to the cluster");
+        let js = jetstream::new(client.clone());
+        // (The client's own account-info type does not parse 2.9's answer.)
+        wait_for(
+            Duration::from_secs(30),
+            "a JetStream metadata leader",
+            || async {
+                match client.request("$JS.API.INFO", "".into()).await {
+                    Ok(reply) => serde_json::from_slice::<serde_json::Value>(&reply.payload)
+                        .is_ok_and(|info| info.get("error").is_none()),
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        let bed = Bed {
+            cluster,
+            dir,
+            config,
+            js,
+        };
+        bed.ok(&["streams", "apply"]);
+        let manifest = bed.dir.path().join("rec.toml");
+        std::fs::write(&manifest, recorder_manifest()).expect("manifest");
+        let wasm = guest("fixture_recorder").display().to_string();
+        bed.ok(&[
+            "deploy",
+            &wasm,
+            "--manifest",
+            &manifest.display().to_string(),
+        ]);
+        bed
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = cli(self.dir.path(), &self.config, args);
+        assert!(out.status.success(), "hookmesh {args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn host(&self, name: &str) -> impl std::future::Future<Output = LoggedProcess> + '_ {
+        let cache = guest_cache_dir().display().to_string();
+        let config = self.config.display().to_string();
+        let name = name.to_string();
+        async move {
+            let args = ["serve", "--config", &config, "--cache-dir", &cache];
+            LoggedProcess::start(self.dir.path(), &args, &name).await
+        }
+    }
+
+    /// Which node leads `HOOK_EVENTS` (0-based), when one does.
+    async fn events_leader(&self) -> Option<usize> {
+        let mut stream = self.js.get_stream("HOOK_EVENTS").await.ok()?;
+        let info = stream.info().await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        leader
+            .strip_prefix('n')?
+            .parse::<usize>()
+            .ok()
+            .map(|n| n - 1)
+    }
+
+    /// Waits until every hookmesh stream has `replicas` current replicas.
+    async fn wait_current(&self, replicas: usize) {
+        for name in hookmesh::streams::names() {
+            hookmesh::streams::replicas::wait_current(
+                &self.js,
+                name,
+                replicas,
+                Duration::from_secs(120),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+fn write_config(dir: &Path, urls: &[String], replicas: usize) -> std::path::PathBuf {
+    let path = dir.join("hookmesh.toml");
+    let list = urls
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let options = Options {
+        nats_toml: format!("url = [{list}]\nreplicas = {replicas}\n"),
+        ..Options::default()
+    };
+    // `config_toml` writes `url = "<first>"`; the list below it wins as
+    // the later key cannot repeat in TOML, so drop the single one.
+    let text = config_toml(&urls[0], &options).replacen(&format!("url = \"{}\"\n", urls[0]), "", 1);
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+fn load(path: &Path) -> Config {
+    let text = std::fs::read_to_string(path).expect("config");
+    Config::from_toml(&text, Origin::Builtin, &Env::default()).expect("valid config")
+}
+
+/// What the load saw.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Per entity, the event ids answered 2xx, in the order sent.
+    accepted: BTreeMap<String, Vec<String>>,
+    /// 503 answers (each retried, as a provider does).
+    unavailable: usize,
+    /// Requests that failed without an answer.
+    transport: usize,
+}
+
+/// Provider-like senders: each entity posts its events one after the
+/// other, alternating between the hosts, retrying the same event id on a
+/// 503 or a transport error until it is answered 2xx.
+struct Load {
+    tally: Arc<Mutex<Tally>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(config: &Config, hosts: &[&LoggedProcess]) -> Load {
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let (stop, stopped) = watch::channel(false);
+        let provider = config.providers["crm"].clone();
+        let urls: Vec<String> = (hosts.iter())
+            .map(|h| format!("http://{}/webhooks/crm", h.address))
+            .collect();
+        let tasks = (0..ENTITIES)
+            .map(|e| {
+                let (tally, stopped, provider, urls) = (
+                    tally.clone(),
+                    stopped.clone(),
+                    provider.clone(),
+                    urls.clone(),
+                );
+                tokio::spawn(async move {
+                    let entity = format!("E{e:02}");
+                    let mut attempt = e;
+                    for version in 0.. {
+                        if *stopped.borrow() {
+                            break;
+                        }
+                        let id = format!("{entity}-{version:05}");
+                        loop {
+                            attempt += 1;
+                            let signed = hookmesh::send::prepare(
+                                &provider,
+                                ticket(&entity),
+                                None,
+                                Some(&id),
+                                SystemTime::now(),
+                            )
+                            .expect("signs");
+                            let url = &urls[attempt % urls.len()];
+                            match hookmesh::send::post(url, signed).await {
+                                Ok(answer) if answer.status == 202 || answer.status == 200 => {
+                                    let mut tally = tally.lock().expect("tally");
+                                    tally.accepted.entry(entity.clone()).or_default().push(id);
+                                    break;
+                                }
+                                Ok(answer) => {
+                                    assert_eq!(answer.status, 503, "{}", answer.body);
+                                    tally.lock().expect("tally").unavailable += 1;
+                                }
+                                Err(_) => tally.lock().expect("tally").transport += 1,
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        tokio::time::sleep(PACE).await;
+                    }
+                })
+            })
+            .collect();
+        Load { tally, stop, tasks }
+    }
+
+    /// Stops after each entity's event in hand is answered 2xx.
+    async fn finish(self) -> Tally {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.await.expect("sender");
+        }
+        Arc::try_unwrap(self.tally)
+            .map(|m| m.into_inner().expect("tally"))
+            .unwrap_or_else(|arc| std::mem::take(&mut *arc.lock().expect("tally")))
+    }
+
+    fn accepted(&self) -> usize {
+        let tally = self.tally.lock().expect("tally");
+        tally.accepted.values().map(Vec::len).sum()
+    }
+}
+
+async fn readyz(host: &LoggedProcess) -> u16 {
+    match reqwest::get(format!("http://{}/readyz", host.admin)).await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until the load has had `n` more events accepted.
+async fn accepted_more(load: &Load, n: usize, what: &str) {
+    let start = load.accepted();
+    wait_for(Duration::from_secs(30), what, || async {
+        load.accepted() >= start + n
+    })
+    .await;
+}
+
+/// Every accepted event is stored exactly once, and the handler saw each
+/// entity's events in the order they were accepted.
+async fn check(bed: &Bed, tally: &Tally) {
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    for message in stored_messages(&bed.js, "HOOK_EVENTS").await {
+        if !message.subject.starts_with("hook.crm.") {
+            continue;
+        }
+        let id = (message.headers.get("Hook-Event-Id"))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        *stored.entry(id).or_default() += 1;
+    }
+    let accepted: usize = tally.accepted.values().map(Vec::len).sum();
+    let mut missing = Vec::new();
+    let mut twice = Vec::new();
+    for id in tally.accepted.values().flatten() {
+        match stored.get(id) {
+            None => missing.push(id.clone()),
+            Some(1) => {}
+            Some(n) => twice.push((id.clone(), *n)),
+        }
+    }
+    eprintln!(
+        "{accepted} events accepted, {} stored, {} answered 503 (retried), {} transport errors",
+        stored.len(),
+        tally.unavailable,
+        tally.transport
+    );
+    assert!(missing.is_empty(), "2xx'd but not stored: {missing:?}");
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    assert_eq!(stored.len(), accepted, "nothing stored that was not 2xx'd");
+
+    let mut again = 0;
+    for (entity, ids) in &tally.accepted {
+        wait_for(Duration::from_secs(60), "the handler caught up", || async {
+            seen(&bed.js, entity).await.0.len() >= ids.len()
+        })
+        .await;
+        let (first, repeats) = seen(&bed.js, entity).await;
+        assert_eq!(&first, ids, "{entity}: each event first handled in order");
+        again += repeats;
+    }
+    eprintln!("{again} events handled again (an ack lost with a killed node)");
+}
+
+/// The ids the recorder saw for `entity` in the order each was first
+/// handled, and how many runs repeated one handled before: a node killed
+/// with an ack it had not yet replicated redelivers an event that was
+/// handled already (at least once), never one before its predecessor.
+async fn seen(js: &jetstream::Context, entity: &str) -> (Vec<String>, usize) {
+    let text = crate::handlers::state(js, "rec", &format!("seen/{entity}"))
+        .await
+        .unwrap_or_default();
+    let mut first: Vec<String> = Vec::new();
+    let mut repeats = 0;
+    for id in text.lines() {
+        if first.iter().any(|f| f == id) {
+            repeats += 1;
+        } else {
+            first.push(id.to_string());
+        }
+    }
+    (first, repeats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_keeps_every_event_while_nodes_die_and_return() {
+    let mut bed = Bed::new(3).await;
+    bed.wait_current(3).await;
+    let a = bed.host("host-a").await;
+    let b = bed.host("host-b").await;
+    wait_for(Duration::from_secs(30), "the hosts share rec", || async {
+        let owned = [a.owned("rec").await, b.owned("rec").await];
+        owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == 16
+    })
+    .await;
+    let config = load(&bed.config);
+    let load_run = Load::start(&config, &[&a, &b]);
+    accepted_more(&load_run, 30, "load under way").await;
+
+    // One node down: the streams keep a quorum.
+    let first = bed.events_leader().await.unwrap_or(0);
+    bed.cluster.kill(first);
+    accepted_more(&load_run, 30, "events accepted with a node down").await;
+    for host in [&a, &b] {
+        wait_for(
+            Duration::from_secs(30),
+            "ready with one node down",
+            || async { readyz(host).await == 200 },
+        )
+        .await;
+    }
+    bed.cluster.restart(first).expect("node restarts");
+    bed.wait_current(3).await;
+    accepted_more(&load_run, 30, "events accepted after the restart").await;
+
+    // Another node down.
+    let second = (first + 1) % 3;
+    bed.cluster.kill(second);
+    accepted_more(&load_run, 30, "events accepted with another node down").await;
+    for host in [&a, &b] {
+        wait_for(Duration::from_secs(30), "ready again", || async {
+            readyz(host).await == 200
+        })
+        .await;
+    }
+    let tally = load_run.finish().await;
+
+    // Two nodes down: no quorum, so no 2xx — a 503 with Retry-After, and
+    // /readyz says not ready; back when a second node returns.
+    let third = (first + 2) % 3;
+    bed.cluster.kill(third);
+    wait_for(
+        Duration::from_secs(30),
+        "not ready without a quorum",
+        || async { readyz(&a).await == 503 },
+    )
+    .await;
+    let provider = &config.providers["crm"];
+    let signed = hookmesh::send::prepare(
+        provider,
+        ticket("E-QUORUM"),
+        None,
+        Some("E-QUORUM-0"),
+        SystemTime::now(),
+    )
+    .expect("signs");
+    let url = format!("http://{}/webhooks/crm", a.address);
+    let answer = hookmesh::send::post(&url, signed).await.expect("answered");
+    assert_eq!(answer.status, 503, "no quorum, no 2xx: {}", answer.body);
+    bed.cluster.restart(second).expect("node restarts");
+    wait_for(
+        Duration::from_secs(30),
+        "ready with a quorum again",
+        || async { readyz(&a).await == 200 },
+    )
+    .await;
+    bed.cluster.restart(third).expect("node restarts");
+    bed.wait_current(3).await;
+
+    check(&bed, &tally).await;
+}
+
+/// `streams apply` with `replicas = 3` on a running system whose streams
+/// are R1, then — two seconds after it reports done — the node that held
+/// the only copy is killed: nothing 2xx'd is lost.
+///
+/// Ignored in the default run: the handler's durable consumers stay R1
+/// when their stream grows (see docs/scale-out.md), so after the kill a
+/// consumer can restart from an earlier position and, in 1 of 3 runs here,
+/// its first-handled order differed. Run it with
+/// `cargo nextest run -p hookmesh-e2e --run-ignored all -E 'test(/r1_to_r3/)'`.
+#[ignore = "consumers stay R1 when their stream is rescaled; see docs/scale-out.md"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
+    let mut bed = Bed::new(1).await;
+    let a = bed.host("host-a").await;
+    let b = bed.host("host-b").await;
+    wait_for(Duration::from_secs(30), "the hosts share rec", || async {
+        let owned = [a.owned("rec").await, b.owned("rec").await];
+        owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == 16
+    })
+    .await;
+    let config = load(&bed.config);
+    let load_run = Load::start(&config, &[&a, &b]);
+    accepted_more(&load_run, 60, "load under way").await;
+
+    let holder = bed.events_leader().await.expect("HOOK_EVENTS has a leader");
+    std::fs::write(
+        &bed.config,
+        std::fs::read_to_string(&bed.config)
+            .expect("config")
+            .replace("replicas = 1", "replicas = 3"),
+    )
+    .expect("config");
+    let out = bed.ok(&["streams", "apply"]);
+    assert!(out.contains("Rescaled { from: 1, to: 3 }"), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    bed.cluster.kill(holder);
+    accepted_more(&load_run, 60, "events accepted after the kill").await;
+    let tally = load_run.finish().await;
+    bed.cluster.restart(holder).expect("node restarts");
+    bed.wait_current(3).await;
+
+    check(&bed, &tally).await;
+}
