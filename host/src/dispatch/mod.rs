@@ -418,6 +418,9 @@ impl Dispatch {
             verdict_label(&invoked.verdict),
             invoked.elapsed,
         );
+        if invoked.log_dropped > 0 {
+            self.metrics.guest_log_truncated(&manifest.name);
+        }
         match invoked.verdict {
             Verdict::Ok => event::publish_emits(
                 &self.js,
