@@ -183,8 +183,11 @@ async fn soak_hosts_killed_every_few_seconds_lose_and_double_nothing() {
     while started.elapsed() < duration {
         tokio::time::sleep(KILL_EVERY).await;
         let which = kills % hosts.len();
-        addresses.lock().unwrap_or_else(|e| e.into_inner())[which] = None;
+        // Killed first, forgotten after: requests in flight and those sent
+        // meanwhile hit a dead host, as a provider's would.
         hosts[which].kill();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        addresses.lock().unwrap_or_else(|e| e.into_inner())[which] = None;
         kills += 1;
         let name = format!("host-{}-{kills}", ["a", "b"][which]);
         hosts[which] = LoggedProcess::start(dir.path(), &args, &name).await;
