@@ -31,6 +31,7 @@ echo "== end-to-end tests, nats-server $("$pinned" --version) ($pinned)"
 # feature unification, so nothing is rebuilt. What does not depend on the
 # server's version runs once, in the first pass: the console's browser test,
 # the `outbound::` tests (the wasm runtime against an HTTP server, no NATS),
-# the outbox tests and the PostgreSQL helpers.
+# the outbox tests and the PostgreSQL helpers. The 60-second soak runs once
+# too, to keep the suite's time.
 NATS_SERVER_BIN="$pinned" cargo nextest run --workspace --no-fail-fast \
-  -E '(package(hookmesh-e2e) - test(/^outbound::/) - test(/the_console_in_a_browser/) - test(/^outbox::/)) | (package(hookmesh-test-support) - test(/^postgres::/))'
+  -E '(package(hookmesh-e2e) - test(/^outbound::/) - test(/the_console_in_a_browser/) - test(/^outbox::/) - test(/^soak::/)) | (package(hookmesh-test-support) - test(/^postgres::/))'
