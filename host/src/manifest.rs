@@ -19,6 +19,13 @@ pub const MAX_REQUESTS: u32 = 1024;
 /// The largest `max_response_bytes` a manifest may ask for.
 pub const MAX_RESPONSE_BYTES: u64 = 256 << 20;
 
+/// The largest `max_log_lines` a manifest may ask for.
+pub const MAX_LOG_LINES: u32 = 100_000;
+
+/// The largest `max_log_bytes` a manifest may ask for: what one invocation
+/// may put into the host's log, whatever its manifest says.
+pub const MAX_LOG_BYTES: u64 = 16 << 20;
+
 /// The file name the loader looks for.
 pub const MANIFEST_FILE: &str = "handler.toml";
 
@@ -101,6 +108,14 @@ pub struct Manifest {
     /// HTTP requests per invocation, at most.
     #[serde(default = "defaults::max_requests")]
     pub max_requests: u32,
+    /// `log` lines per invocation that reach the host's log; past them (or
+    /// past `max_log_bytes`) one truncation notice, then nothing.
+    #[serde(default = "defaults::max_log_lines")]
+    pub max_log_lines: u32,
+    /// Bytes of `log` messages per invocation that reach the host's log,
+    /// e.g. `256KiB` (each line is also cut at 8 KiB).
+    #[serde(default = "defaults::max_log_bytes", with = "bytesize")]
+    pub max_log_bytes: u64,
     /// Free-form settings, read by the guest through `config`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -196,6 +211,12 @@ mod defaults {
     }
     pub fn max_requests() -> u32 {
         32
+    }
+    pub fn max_log_lines() -> u32 {
+        1_000
+    }
+    pub fn max_log_bytes() -> u64 {
+        256 << 10
     }
 }
 
@@ -294,6 +315,25 @@ impl Manifest {
                     "must be 1 byte to {}MiB, not {}",
                     MAX_RESPONSE_BYTES >> 20,
                     self.max_response_bytes
+                ),
+            );
+        }
+        if !(1..=MAX_LOG_LINES).contains(&self.max_log_lines) {
+            return invalid(
+                "max_log_lines",
+                format!(
+                    "must be 1 to {MAX_LOG_LINES} (log lines per invocation), not {}",
+                    self.max_log_lines
+                ),
+            );
+        }
+        if !(1..=MAX_LOG_BYTES).contains(&self.max_log_bytes) {
+            return invalid(
+                "max_log_bytes",
+                format!(
+                    "must be 1 byte to {}MiB, not {}",
+                    MAX_LOG_BYTES >> 20,
+                    self.max_log_bytes
                 ),
             );
         }

@@ -92,6 +92,7 @@ struct Inner {
     handler_ack_pending: Family<HandlerOnly, Gauge>,
     handler_redelivered: Family<HandlerOnly, Gauge>,
     activation_failures: Family<HandlerOnly, Counter>,
+    guest_log_truncated: Family<HandlerOnly, Counter>,
     outbox: crate::outbox::metrics::OutboxMetrics,
     edge: crate::edge::metrics::EdgeMetrics,
 }
@@ -173,6 +174,13 @@ impl Default for Metrics {
             "Handler versions this host refused to activate (did not compile or start here)",
             activation_failures.clone(),
         );
+        let guest_log_truncated = Family::<HandlerOnly, Counter>::default();
+        registry.register(
+            "guest_log_truncated",
+            "Invocations whose log output went past the manifest's max_log_lines or \
+             max_log_bytes (the rest of their log lines were dropped)",
+            guest_log_truncated.clone(),
+        );
         registry.register(
             "events_handled",
             "Handler invocations, by handler and outcome",
@@ -230,6 +238,7 @@ impl Default for Metrics {
                 handler_ack_pending,
                 handler_redelivered,
                 activation_failures,
+                guest_log_truncated,
                 outbox,
                 edge,
             }),
@@ -282,6 +291,14 @@ impl Metrics {
         };
         self.inner.handled.get_or_create(&label).inc();
         self.inner.invocation_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an invocation whose log output was truncated.
+    pub fn guest_log_truncated(&self, handler: &str) {
+        let label = HandlerOnly {
+            handler: handler.to_string(),
+        };
+        self.inner.guest_log_truncated.get_or_create(&label).inc();
     }
 
     /// Counts a dead letter written.

@@ -428,6 +428,9 @@ impl Dispatch {
             .await;
         let label = verdict_label(&invoked.verdict);
         self.metrics.invoked(&manifest.name, label, invoked.elapsed);
+        if invoked.log_dropped > 0 {
+            self.metrics.guest_log_truncated(&manifest.name);
+        }
         let result = self
             .settle_verdict(manifest, &source, invoked, &trace)
             .await;

@@ -17,6 +17,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::{v0_1, v0_2};
+use super::guest_log::{self, Admit, LogBudget};
 use super::http::Outbound;
 use super::services::{MappingFailure, Revisioned, Services, StateFailure};
 use super::{Emit, EventInput, MAX_EMITS, Verdict};
@@ -49,6 +50,8 @@ pub(super) struct Invocation {
     pub(super) correlation_id: String,
     /// The invocation's span (empty when tracing is off).
     pub(super) trace: Trace,
+    /// What is left of the invocation's log budget.
+    pub(super) log: LogBudget,
 }
 
 impl WasiView for Invocation {
@@ -71,7 +74,7 @@ impl WasiHttpView for Invocation {
 }
 
 /// Why an emit was refused.
-enum Refused {
+pub(super) enum Refused {
     TooLarge(String),
     TooMany(String),
     Invalid(String),
@@ -87,6 +90,41 @@ impl Refused {
 
 /// What every version's host calls do.
 impl Invocation {
+    /// Writes a guest's log line within the invocation's budget: `len`
+    /// is the message's length, `prefix` its first bytes (see
+    /// [`guest_log::prefix`]).
+    pub(super) fn log_line(&mut self, level: tracing::Level, len: usize, prefix: &str) {
+        match self.log.admit(len, prefix) {
+            Admit::Write { keep, cut: 0 } => self.write_log(level, &prefix[..keep]),
+            Admit::Write { keep, cut } => self.write_log(
+                level,
+                &format!("{} … [{cut} more bytes cut]", &prefix[..keep]),
+            ),
+            Admit::Notice => self.log_notice(),
+            Admit::Drop => {}
+        }
+    }
+
+    /// Counts a line dropped unread, once the budget is spent.
+    pub(super) fn log_dropped(&mut self) {
+        if self.log.drop_line() == Admit::Notice {
+            self.log_notice();
+        }
+    }
+
+    fn log_notice(&self) {
+        let (lines, bytes) = self.log.limits();
+        tracing::warn!(
+            target: "hookmesh::guest",
+            handler = %self.manifest.name,
+            correlation_id = %self.correlation_id,
+            max_log_lines = lines,
+            max_log_bytes = bytes,
+            "the handler's log output is truncated: it went past max_log_lines or max_log_bytes \
+             for one invocation; the rest of this invocation's log lines are dropped"
+        );
+    }
+
     fn write_log(&self, level: tracing::Level, message: &str) {
         let handler = &self.manifest.name;
         let correlation_id = &self.correlation_id;
@@ -113,6 +151,20 @@ impl Invocation {
         }
     }
 
+    /// Refuses a value of `len` bytes for `key` before it is read out of
+    /// the guest.
+    pub(super) fn check_put(&self, key: &str, len: usize) -> Result<(), StateFailure> {
+        check_key(key)?;
+        let max = self.services.max_value_bytes();
+        if len > max {
+            return Err(StateFailure::TooLarge(format!(
+                "a value of {len} bytes is larger than the {max} bytes the store takes \
+                 (NATS max_payload less room for headers); refused before it was sent"
+            )));
+        }
+        Ok(())
+    }
+
     async fn state_get(&mut self, key: &str) -> Result<Option<Revisioned>, StateFailure> {
         check_key(key)?;
         let span = self.host_call(names::STATE_GET, || vec![state_key(key)]);
@@ -132,20 +184,13 @@ impl Invocation {
         self.trace.child(name, SpanKind::Internal, attributes)
     }
 
-    async fn state_put(
+    pub(super) async fn state_put(
         &mut self,
         key: &str,
         value: Vec<u8>,
         expected: Option<u64>,
     ) -> Result<u64, StateFailure> {
-        check_key(key)?;
-        let max = self.services.max_value_bytes();
-        if value.len() > max {
-            return Err(StateFailure::TooLarge(format!(
-                "a value of {} bytes is larger than the {max} bytes the store takes",
-                value.len()
-            )));
-        }
+        self.check_put(key, value.len())?;
         let span = self.host_call(names::STATE_PUT, || {
             vec![
                 state_key(key),
@@ -229,30 +274,42 @@ impl Invocation {
         found
     }
 
+    /// Refuses an emit whose payload has `len` bytes, before the payload
+    /// is read out of the guest (and remembers why).
+    pub(super) fn check_emit(
+        &mut self,
+        event_type: &str,
+        entity_id: &str,
+        len: usize,
+    ) -> Result<(), Refused> {
+        let max = self.services.max_value_bytes();
+        let refused = if self.emits.len() >= MAX_EMITS {
+            Refused::TooMany(format!(
+                "emitted more than {MAX_EMITS} events in one invocation"
+            ))
+        } else if len > max {
+            Refused::TooLarge(format!(
+                "an emit of {len} bytes is larger than the {max} bytes the stream takes \
+                 (NATS max_payload less room for headers); refused before it was sent"
+            ))
+        } else if event_type.is_empty() || entity_id.is_empty() {
+            Refused::Invalid("an emit needs a non-empty event type and entity id".into())
+        } else {
+            return Ok(());
+        };
+        self.refused_emit
+            .get_or_insert_with(|| refused.message().to_string());
+        Err(refused)
+    }
+
     /// Buffers an emit, or refuses it (and remembers why).
-    fn emit(
+    pub(super) fn emit(
         &mut self,
         event_type: String,
         entity_id: String,
         payload: Vec<u8>,
     ) -> Result<(), Refused> {
-        let max = self.services.max_value_bytes();
-        let refused = if self.emits.len() >= MAX_EMITS {
-            Some(Refused::TooMany(format!(
-                "emitted more than {MAX_EMITS} events in one invocation"
-            )))
-        } else if payload.len() > max {
-            Some(Refused::TooLarge(format!(
-                "an emit of {} bytes is larger than the {max} bytes the stream takes",
-                payload.len()
-            )))
-        } else if event_type.is_empty() || entity_id.is_empty() {
-            Some(Refused::Invalid(
-                "an emit needs a non-empty event type and entity id".into(),
-            ))
-        } else {
-            None
-        };
+        let checked = self.check_emit(&event_type, &entity_id, payload.len());
         let span = self.host_call(names::EMIT, || {
             vec![
                 KeyValue::new(
@@ -263,15 +320,11 @@ impl Invocation {
                 KeyValue::new("hookmesh.emit.index", self.emits.len() as i64),
             ]
         });
-        if let Some(refused) = &refused {
+        if let Err(refused) = &checked {
             span.fail(|| refused.message().to_string());
         }
         span.end();
-        if let Some(refused) = refused {
-            self.refused_emit
-                .get_or_insert_with(|| refused.message().to_string());
-            return Err(refused);
-        }
+        checked?;
         self.emits.push(Emit {
             event_type,
             entity_id,
@@ -331,7 +384,7 @@ macro_rules! same_in_every_version {
                     Level::Warn => tracing::Level::WARN,
                     Level::Error => tracing::Level::ERROR,
                 };
-                self.write_log(level, &message);
+                self.log_line(level, message.len(), guest_log::prefix(&message));
             }
         }
 
@@ -465,12 +518,18 @@ impl v0_2::hookmesh::handler::outbox::Host for Invocation {
         entity_id: String,
         payload: Vec<u8>,
     ) -> Result<(), v0_2::hookmesh::handler::outbox::OutboxError> {
+        Invocation::emit(self, event_type, entity_id, payload).map_err(Into::into)
+    }
+}
+
+impl From<Refused> for v0_2::hookmesh::handler::outbox::OutboxError {
+    fn from(refused: Refused) -> Self {
         use v0_2::hookmesh::handler::outbox::OutboxError;
-        Invocation::emit(self, event_type, entity_id, payload).map_err(|refused| match refused {
+        match refused {
             Refused::TooLarge(m) => OutboxError::TooLarge(m),
             Refused::TooMany(m) => OutboxError::TooMany(m),
             Refused::Invalid(m) => OutboxError::Invalid(m),
-        })
+        }
     }
 }
 

@@ -16,7 +16,9 @@
 //! [`InstancePre`]: wasmtime::component::InstancePre
 
 mod bindings;
+mod by_length;
 mod cache;
+pub mod guest_log;
 pub mod http;
 mod invocation;
 mod sandbox;
@@ -174,6 +176,9 @@ pub struct Invoked {
     pub emits: Vec<Emit>,
     /// Instantiation plus call.
     pub elapsed: Duration,
+    /// `log` lines dropped past the manifest's `max_log_lines` /
+    /// `max_log_bytes` (0: the log was not truncated).
+    pub log_dropped: u64,
 }
 
 /// A compiled handler version, ready to instantiate.
@@ -339,6 +344,7 @@ impl Runtime {
             .map_err(engine_err)?;
         v0_1::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(engine_err)?;
+        by_length::shadow(&mut linker).map_err(engine_err)?;
         let connector = http::Connector::new(resolver)
             .map_err(|e| RuntimeError::Engine(format!("TLS for outgoing HTTP: {e}")))?;
         let ticker = Arc::new(AtomicBool::new(false));
@@ -505,6 +511,7 @@ impl Runtime {
             started,
             manifest.timeout,
         );
+        let log = guest_log::LogBudget::new(manifest.max_log_lines, manifest.max_log_bytes);
         let data = Invocation {
             wasi: sandbox::wasi_ctx(&manifest.sandbox),
             table: ResourceTable::new(),
@@ -522,6 +529,7 @@ impl Runtime {
             refused_emit: None,
             correlation_id,
             trace,
+            log,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|invocation| &mut invocation.limits);
@@ -608,6 +616,7 @@ impl Runtime {
             verdict,
             emits,
             elapsed: started.elapsed(),
+            log_dropped: store.data().log.dropped(),
         }
     }
 }
