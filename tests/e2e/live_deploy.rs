@@ -313,14 +313,22 @@ async fn a_version_that_cannot_start_is_refused_by_the_host_while_the_old_one_se
     assert!(refusal.error.as_deref().is_some_and(|e| !e.is_empty()));
     // The alert rules see it: the counter moved, and every partition of
     // the handler is still owned here.
-    let metrics = host.metrics().await;
-    for line in [
+    // (The partition gauges appear once this host's claims are written,
+    // which may come after the refusal's audit record.)
+    let lines = [
         r#"hookmesh_activation_failures_total{handler="rec"} 1"#,
         r#"hookmesh_partitions{handler="rec"} 16"#,
         r#"hookmesh_partitions_owned{handler="rec"} 16"#,
-    ] {
-        assert!(metrics.contains(line), "{line} in\n{metrics}");
-    }
+    ];
+    wait_for(
+        Duration::from_secs(20),
+        "the refusal counted, every partition owned",
+        || async {
+            let metrics = host.metrics().await;
+            lines.iter().all(|line| metrics.contains(line))
+        },
+    )
+    .await;
 
     // The old version keeps serving, and stamps its version on failures.
     assert!(runs(&v1).await);
