@@ -32,8 +32,6 @@ echo "== end-to-end tests, nats-server $("$pinned" --version) ($pinned)"
 # server's version runs once, in the first pass: the console's browser test,
 # the `outbound::` tests (the wasm runtime against an HTTP server, no NATS),
 # the outbox tests and the PostgreSQL helpers. The 60-second soak runs once
-# too, to keep the suite's time. The cluster test runs on 2.9.10 only for
-# now: on the current release the handlers do not catch up in time after
-# the quorum returns (docs/scale-out.md, "Known limits").
+# too, to keep the suite's time.
 NATS_SERVER_BIN="$pinned" cargo nextest run --workspace --no-fail-fast \
-  -E '(package(hookmesh-e2e) - test(/^outbound::/) - test(/the_console_in_a_browser/) - test(/^outbox::/) - test(/^soak::/) - test(/^cluster::/)) | (package(hookmesh-test-support) - test(/^postgres::/))'
+  -E '(package(hookmesh-e2e) - test(/^outbound::/) - test(/the_console_in_a_browser/) - test(/^outbox::/) - test(/^soak::/)) | (package(hookmesh-test-support) - test(/^postgres::/))'
