@@ -38,6 +38,17 @@ fn statuses(seen: &[Seen]) -> Vec<(u16, bool)> {
     seen.iter().map(|s| (s.status, s.replayed)).collect()
 }
 
+/// order-sync's manifest for `hookmesh serve` processes against the ERP at
+/// `erp_url`, with retries and redeliveries quick enough for a test.
+pub(crate) fn order_sync_manifest(erp_url: &str) -> String {
+    format!(
+        "name = \"order-sync\"\ncomponent = {component:?}\nsubject = \"crm.order.>\"\n\
+         ack_wait = \"3s\"\ntimeout = \"2s\"\nallowed_hosts = [{erp_url:?}]\n\
+         [backoff]\ninitial = \"200ms\"\nmax = \"1s\"\n[config]\nerp_url = {erp_url:?}\n",
+        component = guest("order_sync").display().to_string(),
+    )
+}
+
 /// order-sync against `erp` with retries quick enough for a test, and a
 /// `max` that leaves room for a 2 s `Retry-After`.
 fn order_sync(erp: &MockErp) -> hookmesh::manifest::Manifest {
@@ -207,34 +218,8 @@ async fn an_erp_400_is_a_permanent_dead_letter_a_replay_after_the_fix_makes_one_
 async fn a_host_killed_after_the_erp_did_the_work_runs_the_event_again_with_the_same_key() {
     let nats = NatsServer::start().expect("nats");
     let erp = MockErp::start("127.0.0.1:0").await.expect("mock ERP");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let handlers = dir.path().join("handlers/order-sync");
-    std::fs::create_dir_all(&handlers).expect("dir");
-    std::fs::write(
-        handlers.join("handler.toml"),
-        format!(
-            "name = \"order-sync\"\ncomponent = {component:?}\nsubject = \"crm.order.>\"\n\
-             ack_wait = \"3s\"\ntimeout = \"2s\"\nallowed_hosts = [{url:?}]\n\
-             [backoff]\ninitial = \"200ms\"\nmax = \"1s\"\n[config]\nerp_url = {url:?}\n",
-            component = guest("order_sync").display().to_string(),
-            url = erp.url(),
-        ),
-    )
-    .expect("manifest");
-    std::fs::write(
-        dir.path().join("hookmesh.toml"),
-        config_toml(&nats.url(), &Options::default()),
-    )
-    .expect("config");
-    let args = [
-        "serve",
-        "--config",
-        "hookmesh.toml",
-        "--handlers",
-        "handlers",
-        "--cache-dir",
-        &guest_cache_dir().display().to_string(),
-    ];
+    let dir = ServeDir::new(&nats.url(), "order-sync", &order_sync_manifest(&erp.url()));
+    let args = dir.serve_args();
     let mut first = LoggedProcess::start(dir.path(), &args, "first").await;
     // The ERP stores the order, then holds its answer back: the host dies
     // with the side effect done and the event not acked.

@@ -31,36 +31,16 @@ fn sample(metrics: &str, metric: &str, labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn a_guest_flooding_its_log_is_cut_at_its_budget_and_its_event_still_succeeds() {
     let nats = NatsServer::start().expect("nats");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let handlers = dir.path().join("handlers/hog");
-    std::fs::create_dir_all(&handlers).expect("dir");
     // 200 lines of 1 MiB through `log`, and 20 MiB each to stdout and
     // stderr, in one invocation.
-    std::fs::write(
-        handlers.join("handler.toml"),
-        format!(
-            "name = \"hog\"\ncomponent = {component:?}\nsubject = \"crm.order.>\"\n\
-             timeout = \"20s\"\nack_wait = \"40s\"\nmemory = \"32MiB\"\n\
-             [config]\nlog_lines = \"200\"\nstdout_lines = \"20\"\n",
-            component = guest("fixture_memory_hog").display().to_string(),
-        ),
-    )
-    .expect("manifest");
-    std::fs::write(
-        dir.path().join("hookmesh.toml"),
-        config_toml(&nats.url(), &Options::default()),
-    )
-    .expect("config");
-    let cache = guest_cache_dir().display().to_string();
-    let args = [
-        "serve",
-        "--config",
-        "hookmesh.toml",
-        "--handlers",
-        "handlers",
-        "--cache-dir",
-        &cache,
-    ];
+    let manifest = format!(
+        "name = \"hog\"\ncomponent = {component:?}\nsubject = \"crm.order.>\"\n\
+         timeout = \"20s\"\nack_wait = \"40s\"\nmemory = \"32MiB\"\n\
+         [config]\nlog_lines = \"200\"\nstdout_lines = \"20\"\n",
+        component = guest("fixture_memory_hog").display().to_string(),
+    );
+    let dir = ServeDir::new(&nats.url(), "hog", &manifest);
+    let args = dir.serve_args();
     let host = LoggedProcess::start(dir.path(), &args, "host").await;
     let before = host.log().len();
 

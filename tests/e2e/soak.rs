@@ -93,35 +93,12 @@ async fn soak_hosts_killed_every_few_seconds_lose_and_double_nothing() {
     let duration = Duration::from_secs(soak_seconds());
     let nats = NatsServer::start().expect("nats");
     let erp = MockErp::start("127.0.0.1:0").await.expect("mock ERP");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let handlers = dir.path().join("handlers/order-sync");
-    std::fs::create_dir_all(&handlers).expect("dir");
-    std::fs::write(
-        handlers.join("handler.toml"),
-        format!(
-            "name = \"order-sync\"\ncomponent = {component:?}\nsubject = \"crm.order.>\"\n\
-             ack_wait = \"3s\"\ntimeout = \"2s\"\nallowed_hosts = [{url:?}]\n\
-             [backoff]\ninitial = \"200ms\"\nmax = \"1s\"\n[config]\nerp_url = {url:?}\n",
-            component = guest("order_sync").display().to_string(),
-            url = erp.url(),
-        ),
-    )
-    .expect("manifest");
-    std::fs::write(
-        dir.path().join("hookmesh.toml"),
-        config_toml(&nats.url(), &Options::default()),
-    )
-    .expect("config");
-    let cache = guest_cache_dir().display().to_string();
-    let args = [
-        "serve",
-        "--config",
-        "hookmesh.toml",
-        "--handlers",
-        "handlers",
-        "--cache-dir",
-        &cache,
-    ];
+    let dir = ServeDir::new(
+        &nats.url(),
+        "order-sync",
+        &crate::erp::order_sync_manifest(&erp.url()),
+    );
+    let args = dir.serve_args();
     let mut hosts = [
         LoggedProcess::start(dir.path(), &args, "host-a-0").await,
         LoggedProcess::start(dir.path(), &args, "host-b-0").await,

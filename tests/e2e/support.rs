@@ -539,6 +539,52 @@ pub fn manifest(name: &str, crate_name: &str, subject: &str) -> hookmesh::manife
     manifest
 }
 
+/// A working directory for `hookmesh serve` processes: `hookmesh.toml`
+/// for `nats_url` (the test defaults) and one handler's manifest in
+/// `handlers/<handler>/handler.toml`; removed on drop.
+pub struct ServeDir {
+    dir: tempfile::TempDir,
+    cache: String,
+}
+
+impl ServeDir {
+    /// Writes the config and `manifest` (TOML) for `handler`.
+    pub fn new(nats_url: &str, handler: &str, manifest: &str) -> ServeDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let handlers = dir.path().join("handlers").join(handler);
+        std::fs::create_dir_all(&handlers).expect("dir");
+        std::fs::write(handlers.join("handler.toml"), manifest).expect("manifest");
+        std::fs::write(
+            dir.path().join("hookmesh.toml"),
+            config_toml(nats_url, &Options::default()),
+        )
+        .expect("config");
+        ServeDir {
+            dir,
+            cache: guest_cache_dir().display().to_string(),
+        }
+    }
+
+    /// The directory (the processes' working directory).
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// `serve` with this directory's config and handlers and the shared
+    /// guest cache.
+    pub fn serve_args(&self) -> [&str; 7] {
+        [
+            "serve",
+            "--config",
+            "hookmesh.toml",
+            "--handlers",
+            "handlers",
+            "--cache-dir",
+            &self.cache,
+        ]
+    }
+}
+
 /// A `hookmesh serve` or `up` process whose log goes to a file (so a
 /// chatty host never blocks on a full pipe); killed on drop.
 pub struct LoggedProcess {
