@@ -112,6 +112,9 @@ pub enum StreamsError {
     /// change (the partition count).
     #[error("{0}")]
     Conflict(String),
+    /// A change that is not safe now; the message says what to do.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What [`apply`] does to a stream that exists already.
@@ -251,6 +254,9 @@ pub async fn apply_replicated(
                 let (from, to) = (current.num_replicas.max(1), wanted.num_replicas);
                 match mode {
                     Mode::Update if from != to => {
+                        if to > from {
+                            replicas::check_growth_is_safe(js).await?;
+                        }
                         replicas::rescale(js, wanted, from).await?;
                         Outcome::Rescaled { from, to }
                     }

@@ -267,8 +267,9 @@ async fn accepted_more(load: &Load, n: usize, what: &str) {
 }
 
 /// Every accepted event is stored exactly once, and the handler saw each
-/// entity's events in the order they were accepted.
-async fn check(bed: &Bed, tally: &Tally) {
+/// entity's events in the order they were accepted: the events accepted,
+/// and how many runs repeated an event handled before.
+async fn check(bed: &Bed, tally: &Tally) -> (usize, usize) {
     let mut stored: HashMap<String, usize> = HashMap::new();
     for message in stored_messages(&bed.js, "HOOK_EVENTS").await {
         if !message.subject.starts_with("hook.crm.") {
@@ -299,17 +300,64 @@ async fn check(bed: &Bed, tally: &Tally) {
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
     assert_eq!(stored.len(), accepted, "nothing stored that was not 2xx'd");
 
+    caught_up(bed, tally).await;
     let mut again = 0;
     for (entity, ids) in &tally.accepted {
-        wait_for(Duration::from_secs(60), "the handler caught up", || async {
-            seen(&bed.js, entity).await.0.len() >= ids.len()
-        })
-        .await;
         let (first, repeats) = seen(&bed.js, entity).await;
         assert_eq!(&first, ids, "{entity}: each event first handled in order");
         again += repeats;
     }
     eprintln!("{again} events handled again (an ack lost with a killed node)");
+    (accepted, again)
+}
+
+/// Waits until the handler has seen every accepted event; when it has not
+/// within the limit, prints what each entity and each partition consumer
+/// is at before failing, so a stall can be told from a slow recovery.
+async fn caught_up(bed: &Bed, tally: &Tally) {
+    let limit = Duration::from_secs(120);
+    let started = std::time::Instant::now();
+    loop {
+        let mut behind = Vec::new();
+        for (entity, ids) in &tally.accepted {
+            let handled = seen(&bed.js, entity).await.0.len();
+            if handled < ids.len() {
+                behind.push(format!("{entity}: {handled} of {}", ids.len()));
+            }
+        }
+        if behind.is_empty() {
+            eprintln!(
+                "the handler caught up {:?} after the cluster was whole",
+                started.elapsed()
+            );
+            return;
+        }
+        if started.elapsed() > limit {
+            let mut consumers = Vec::new();
+            if let Ok(stream) = bed.js.get_stream("HOOK_EVENTS").await {
+                for p in 0..16 {
+                    let name = format!("handler_rec_{p}");
+                    consumers.push(match stream.consumer_info(&name).await {
+                        Ok(i) => format!(
+                            "{name}: pending {} ack_pending {} waiting {} delivered {} ack_floor {} leader {:?}",
+                            i.num_pending,
+                            i.num_ack_pending,
+                            i.num_waiting,
+                            i.delivered.stream_sequence,
+                            i.ack_floor.stream_sequence,
+                            i.cluster.as_ref().and_then(|c| c.leader.clone())
+                        ),
+                        Err(e) => format!("{name}: {e}"),
+                    });
+                }
+            }
+            panic!(
+                "the handler did not catch up within {limit:?}: {behind:?}\n{}",
+                consumers.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The ids the recorder saw for `entity` in the order each was first
@@ -332,12 +380,8 @@ async fn seen(js: &jetstream::Context, entity: &str) -> (Vec<String>, usize) {
     (first, repeats)
 }
 
-/// Ignored in the default run: the handlers do not always catch up after
-/// the quorum returns (on 2.15.1 in every run so far, on 2.9.10 in one run
-/// of two in the suite — every 2xx'd event was stored exactly once each
-/// time); see docs/scale-out.md. Run it with
-/// `cargo nextest run -p hookmesh-e2e --run-ignored all -E 'test(/r3_keeps/)'`.
-#[ignore = "handlers sometimes do not catch up after a lost quorum returns; see docs/scale-out.md"]
+/// Two hosts under load on a 3-node R3 cluster: a node killed and
+/// restarted, another killed, then the quorum lost and regained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_keeps_every_event_while_nodes_die_and_return() {
     let mut bed = Bed::new(3).await;
@@ -418,19 +462,22 @@ async fn r3_keeps_every_event_while_nodes_die_and_return() {
 
 /// `streams apply` with `replicas = 3` on a running system whose streams
 /// are R1, then — two seconds after it reports done — the node that held
-/// the only copy is killed: nothing 2xx'd is lost.
+/// the only copy is killed: nothing 2xx'd is lost, each entity's events are
+/// first handled in order, and the handlers' consumers keep their positions
+/// (few events run again, not all of them).
 ///
-/// Ignored in the default run: the handler's durable consumers stay R1
-/// when their stream grows (see docs/scale-out.md), so after the kill a
-/// consumer can restart from an earlier position and, in 1 of 3 runs here,
-/// its first-handled order differed. Run it with
-/// `cargo nextest run -p hookmesh-e2e --run-ignored all -E 'test(/r1_to_r3/)'`.
-#[ignore = "consumers stay R1 when their stream is rescaled; see docs/scale-out.md"]
+/// On nats-server 2.10 and later this happens under load with the hosts
+/// running. Before 2.10 the server drops a consumer's positions when its
+/// stream grows while the consumer is in use, so `streams apply` refuses
+/// while hosts run, naming the procedure; the test checks the refusal and
+/// then follows the procedure (stop the hosts, apply, start them again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
     let mut bed = Bed::new(1).await;
-    let a = bed.host("host-a").await;
-    let b = bed.host("host-b").await;
+    let version = bed.js.client().server_info().version;
+    let under_load = hookmesh::streams::replicas::grows_consumers_safely(&version);
+    let mut a = bed.host("host-a").await;
+    let mut b = bed.host("host-b").await;
     wait_for(Duration::from_secs(30), "the hosts share rec", || async {
         let owned = [a.owned("rec").await, b.owned("rec").await];
         owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == 16
@@ -448,14 +495,43 @@ async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
             .replace("replicas = 1", "replicas = 3"),
     )
     .expect("config");
-    let out = bed.ok(&["streams", "apply"]);
-    assert!(out.contains("Rescaled { from: 1, to: 3 }"), "{out}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    bed.cluster.kill(holder);
-    accepted_more(&load_run, 60, "events accepted after the kill").await;
-    let tally = load_run.finish().await;
+    let (tally, hosts) = if under_load {
+        let out = bed.ok(&["streams", "apply"]);
+        assert!(out.contains("Rescaled { from: 1, to: 3 }"), "{out}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        bed.cluster.kill(holder);
+        accepted_more(&load_run, 60, "events accepted after the kill").await;
+        (load_run.finish().await, vec![a, b])
+    } else {
+        let refused = cli(bed.dir.path(), &bed.config, &["streams", "apply"]);
+        let said = stderr(&refused);
+        assert!(!refused.status.success(), "nats-server {version}: {said}");
+        assert!(
+            said.contains("host(s) run now") && said.contains("Stop the hosts"),
+            "the refusal names the procedure: {said}"
+        );
+        let mut events = bed.js.get_stream("HOOK_EVENTS").await.expect("stream");
+        let info = events.info().await.expect("info");
+        assert_eq!(info.config.num_replicas, 1, "a refusal changes nothing");
+        let tally = load_run.finish().await;
+        a.stop();
+        b.stop();
+        let out = bed.ok(&["streams", "apply"]);
+        assert!(out.contains("Rescaled { from: 1, to: 3 }"), "{out}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        bed.cluster.kill(holder);
+        (
+            tally,
+            vec![bed.host("host-a2").await, bed.host("host-b2").await],
+        )
+    };
     bed.cluster.restart(holder).expect("node restarts");
     bed.wait_current(3).await;
 
-    check(&bed, &tally).await;
+    let (accepted, again) = check(&bed, &tally).await;
+    assert!(
+        again * 10 < accepted,
+        "the consumers kept their positions: {again} of {accepted} events ran again"
+    );
+    drop(hosts);
 }

@@ -287,7 +287,9 @@ impl Dispatch {
             );
             let permit = slot.permit().await;
             let outcome = self
-                .execute(prepared, input, stream_seq)
+                // A held event may have run before (its entity was held
+                // after a failure, or its run's ack was lost).
+                .execute(prepared, input, stream_seq, true)
                 .instrument(span.clone())
                 .await;
             drop(permit);

@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use futures::future::try_join_all;
 
 use crate::headers::{self as header, BadHeader, EventHeaders};
@@ -156,7 +157,12 @@ impl EmitError {
 
 /// Publishes a handler's emits and waits for every PubAck. Each carries
 /// `Nats-Msg-Id = <handler>:<source idempotency key>:<n>`, so a handler
-/// run twice for one event (a crash before the ack) emits once.
+/// run twice for one event (a crash before the ack) emits once: within
+/// the stream's duplicate window the server drops the second copy, and a
+/// run again of the event stored at `rerun_of` (a redelivery or a retry)
+/// first looks for each emit in the stream after the source event, so an
+/// event run again long after its first run — past the window — does not
+/// store its emits twice either.
 pub async fn publish_emits(
     js: &jetstream::Context,
     handler: &str,
@@ -164,6 +170,7 @@ pub async fn publish_emits(
     emits: &[Emit],
     partitions: u32,
     trace: &Trace,
+    rerun_of: Option<u64>,
 ) -> Result<(), EmitError> {
     if emits.is_empty() {
         return Ok(());
@@ -197,6 +204,12 @@ pub async fn publish_emits(
             partitions,
         );
         let subject = address.subject();
+        if let Some(source_seq) = rerun_of
+            && already_stored(js, &subject, &id, source_seq).await
+        {
+            tracing::debug!(emit = index, %id, "stored by an earlier run of the event; not published again");
+            continue;
+        }
         let span = trace.child(names::PUBLISH, SpanKind::Producer, || {
             vec![
                 KeyValue::new("messaging.system", "nats"),
@@ -242,4 +255,106 @@ pub async fn publish_emits(
         span.end_with(&acked);
     }
     acked.map(drop)
+}
+
+/// Messages looked at per emit when checking whether an earlier run of the
+/// event stored it; past this the publish goes ahead and the duplicate
+/// window is the guard.
+const RERUN_SCAN: usize = 256;
+
+/// Whether `HOOK_EVENTS` holds a message on `subject` with message id `id`
+/// stored after the source event (`source_seq`): an earlier run of the
+/// event published it. The reads go to the stream leader, so a stored emit
+/// is seen; when the stream cannot be read, `false` (the publish goes
+/// ahead, deduplicated within the window as before).
+async fn already_stored(js: &jetstream::Context, subject: &str, id: &str, source_seq: u64) -> bool {
+    let stream = match js.get_stream_no_info(crate::streams::EVENTS_STREAM).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(%error, "cannot look for an earlier run's emit");
+            return false;
+        }
+    };
+    let mut from = source_seq.saturating_add(1);
+    for _ in 0..RERUN_SCAN {
+        match stream.get_first_raw_message_by_subject(subject, from).await {
+            Ok(stored) => {
+                if header::get(&stored.headers, header::MSG_ID) == Some(id) {
+                    return true;
+                }
+                from = stored.sequence.saturating_add(1);
+            }
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => return false,
+            Err(error) => {
+                tracing::debug!(%error, "cannot look for an earlier run's emit");
+                return false;
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hookmesh_test_support::NatsServer;
+
+    use super::*;
+    use crate::config::IngestConfig;
+    use crate::streams::{self, EVENTS_STREAM, Mode};
+
+    async fn stored(js: &jetstream::Context) -> u64 {
+        let mut stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
+        stream.info().await.expect("info").state.messages
+    }
+
+    #[tokio::test]
+    async fn an_event_run_again_past_the_duplicate_window_stores_its_emits_once() {
+        let nats = NatsServer::start().expect("nats-server");
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        let ingest = IngestConfig {
+            duplicate_window: Duration::from_secs(1),
+            idempotency_ttl: Duration::from_secs(1),
+            publish_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(1),
+            max_age: Duration::from_secs(3600),
+            partitions: 16,
+        };
+        streams::apply(&js, &ingest, Mode::Update)
+            .await
+            .expect("streams");
+        let source_seq = js
+            .publish("hook.crm.order.3.ORD-1.order.created", "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored")
+            .sequence;
+        let source = Source {
+            idempotency_key: "crm:evt-1".into(),
+            correlation_id: "c-1".into(),
+            traceparent: None,
+        };
+        let emits = [Emit {
+            event_type: "order.synced".into(),
+            entity_id: "ORD-1".into(),
+            payload: b"{}".to_vec(),
+        }];
+        let trace = Trace::off();
+        let publish = |rerun_of| publish_emits(&js, "sync", &source, &emits, 16, &trace, rerun_of);
+        publish(None).await.expect("first run");
+        assert_eq!(stored(&js).await, 2);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        publish(Some(source_seq)).await.expect("the run again");
+        assert_eq!(
+            stored(&js).await,
+            2,
+            "a run again past the window finds its emit stored"
+        );
+        // Without the look-up only the window guards, and it has passed.
+        publish(None).await.expect("unchecked");
+        assert_eq!(stored(&js).await, 3);
+    }
 }

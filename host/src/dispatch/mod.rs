@@ -409,11 +409,16 @@ impl Dispatch {
     /// succeeds, publishes its emits: `Ok(emits)` or how it failed. Each
     /// run is one span when tracing is on — a retry is a span of its own
     /// under the same parent, the event's `traceparent`.
+    ///
+    /// `rerun` says the event may have run before (a redelivery, a retry, a
+    /// held or replayed event): its emits are then looked for in the stream
+    /// before they are published (see [`event::publish_emits`]).
     async fn execute(
         &self,
         prepared: &Arc<Prepared>,
         input: EventInput,
         stream_seq: u64,
+        rerun: bool,
     ) -> Result<usize, Failed> {
         let manifest = &prepared.manifest;
         let source = event::Source::of(&input);
@@ -431,8 +436,9 @@ impl Dispatch {
         if invoked.log_dropped > 0 {
             self.metrics.guest_log_truncated(&manifest.name);
         }
+        let rerun_of = rerun.then_some(stream_seq);
         let result = self
-            .settle_verdict(manifest, &source, invoked, &trace)
+            .settle_verdict(manifest, &source, invoked, &trace, rerun_of)
             .await;
         trace.set(|| {
             vec![KeyValue::new(
@@ -455,6 +461,7 @@ impl Dispatch {
         source: &event::Source,
         invoked: crate::runtime::Invoked,
         trace: &Trace,
+        rerun_of: Option<u64>,
     ) -> Result<usize, Failed> {
         match invoked.verdict {
             Verdict::Ok => event::publish_emits(
@@ -464,6 +471,7 @@ impl Dispatch {
                 &invoked.emits,
                 self.partitions,
                 trace,
+                rerun_of,
             )
             .await
             .map(|()| invoked.emits.len())

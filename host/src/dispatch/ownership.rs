@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -82,6 +82,25 @@ pub fn lease_key(handler: &str, partition: u32) -> String {
 /// The member key of a host of a handler.
 pub fn member_key(handler: &str, host: &str) -> String {
     format!("{}.member.{}", kv_key(handler), kv_key(host))
+}
+
+/// The hosts working any handler now: the live member records in
+/// `leases` (a host that stopped cleanly has deleted its record; one that
+/// died counts until its record runs out, [`LEASE_TTL`]).
+pub async fn live_hosts(leases: &kv::Store) -> Result<Vec<String>, async_nats::Error> {
+    let keys: Vec<String> = leases.keys().await?.try_collect().await?;
+    let now = now_ms();
+    let mut hosts = Vec::new();
+    for key in keys.iter().filter(|k| k.contains(".member.")) {
+        if let Some(value) = leases.get(key).await?
+            && let Ok(member) = serde_json::from_slice::<Member>(&value)
+            && member.until > now
+            && !hosts.contains(&member.host)
+        {
+            hosts.push(member.host);
+        }
+    }
+    Ok(hosts)
 }
 
 /// The owner of every partition, given the live members: partition `n` to

@@ -550,7 +550,8 @@ async fn attempts_loop(
                 // emits' publishes) is large, and would otherwise sit
                 // inline in every event's future from the moment it is
                 // queued.
-                let execute = Box::pin(dispatch.execute(&prepared, input, stream_seq));
+                let rerun = delivery > 1 || attempt > 1;
+                let execute = Box::pin(dispatch.execute(&prepared, input, stream_seq, rerun));
                 with_progress(message, &manifest, execute)
                     .instrument(span.clone())
                     .await

@@ -6,11 +6,19 @@
 //! still as fragile as before — a node lost in that window can lose what
 //! only the old replica had — so a rescale is reported done only when the
 //! stream's cluster info lists every replica `current`, online and with no
-//! lag.
+//! lag. The stream's durable consumers (the handlers' partition consumers)
+//! follow it: the server moves each onto the stream's new peers, copying its
+//! state (delivered and acked positions) — and until that copy is current
+//! on the new peers, losing the old node would restart the consumer from
+//! an earlier position. So a rescale is done only when every durable
+//! consumer of the stream is current on the new count too.
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::ClusterInfo;
 use async_nats::jetstream::{self, stream};
+use futures::TryStreamExt;
 
 use super::StreamsError;
 
@@ -25,6 +33,59 @@ pub enum Replication {
     Current,
     /// Not yet: why (for the log and the final error).
     Behind(String),
+}
+
+/// The first nats-server release that keeps a durable consumer's
+/// positions when its stream grows while the consumer is in use.
+const SAFE_GROWTH_FROM: (u64, u64) = (2, 10);
+
+/// Refuses to grow streams on a nats-server before 2.10 while hosts work
+/// handlers. Such a server moves each durable consumer onto the stream's
+/// new peers without its delivered and acked positions when the consumer
+/// is in use: measured here on 2.9.10 (`tests/e2e/cluster.rs`), a node
+/// killed after the change made 1 021 of 1 165 events run again, against 1
+/// of 1 558 on 2.15.1 — at least once still, but a flood of runs again. With
+/// no host running, the consumers are idle and keep their positions.
+pub async fn check_growth_is_safe(js: &jetstream::Context) -> Result<(), StreamsError> {
+    let version = js.client().server_info().version;
+    if grows_consumers_safely(&version) {
+        return Ok(());
+    }
+    let leases = match js.get_key_value(crate::streams::LEASES_BUCKET).await {
+        Ok(leases) => leases,
+        // No bucket yet: no host has ever worked a handler.
+        Err(_) => return Ok(()),
+    };
+    let hosts = crate::dispatch::ownership::live_hosts(&leases)
+        .await
+        .map_err(|e| StreamsError::Server {
+            stream: format!("KV_{}", crate::streams::LEASES_BUCKET),
+            message: format!("reading which hosts run: {e}"),
+        })?;
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    Err(StreamsError::Refused(format!(
+        "not growing the streams: nats-server {version} loses the handlers' consumer positions \
+         when a stream grows while hosts consume it (every event would run again), and {} \
+         host(s) run now ({}). Stop the hosts (`hookmesh serve`), run `hookmesh streams apply` \
+         again, then start them; or upgrade nats-server to 2.10 or later. See \
+         docs/scale-out.md",
+        hosts.len(),
+        hosts.join(", ")
+    )))
+}
+
+/// Whether nats-server `version` ("2.9.10", "v2.15.1") keeps consumer
+/// positions when a stream grows under use; an unreadable version is
+/// taken as not.
+pub fn grows_consumers_safely(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    let mut next = || parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (next(), next()) {
+        (Some(major), Some(minor)) => (major, minor) >= SAFE_GROWTH_FROM,
+        _ => false,
+    }
 }
 
 /// Updates `wanted` (whose `num_replicas` differs from the stream's
@@ -46,7 +107,57 @@ pub async fn rescale(
     tracing::info!(stream = %name, from, to, "changing the replica count");
     js.update_stream(wanted).await.map_err(|e| server(&e))?;
     wait_current(js, &name, to, CATCH_UP_LIMIT).await?;
-    tracing::info!(stream = %name, replicas = to, "every replica is current");
+    wait_consumers_current(js, &name, to, CATCH_UP_LIMIT).await?;
+    tracing::info!(stream = %name, replicas = to, "every replica is current, consumers included");
+    Ok(())
+}
+
+/// Waits until every durable consumer of stream `name` has `replicas`
+/// replicas, all current. Ephemeral consumers (watchers, which their
+/// clients recreate) stay where they are and are not waited for; a consumer
+/// deleted meanwhile is skipped.
+pub async fn wait_consumers_current(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    limit: Duration,
+) -> Result<(), StreamsError> {
+    let server = |message: String| StreamsError::Server {
+        stream: name.to_string(),
+        message,
+    };
+    let stream = js
+        .get_stream(name)
+        .await
+        .map_err(|e| server(e.to_string()))?;
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .map_err(|e| server(format!("listing its consumers: {e}")))?;
+    let deadline = Instant::now() + limit;
+    for consumer in names {
+        let mut last;
+        loop {
+            match stream.consumer_info(&consumer).await {
+                Ok(info) if info.config.durable_name.is_none() => break,
+                Ok(info) => match peers(info.cluster.as_ref(), replicas) {
+                    Replication::Current => break,
+                    Replication::Behind(why) => last = why,
+                },
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => break,
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(server(format!(
+                    "consumer {consumer}: its {replicas} replica(s) did not become current \
+                     within {limit:?} ({last}); check `nats consumer info {name} {consumer}` \
+                     and run `hookmesh streams apply` again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     Ok(())
 }
 
@@ -91,10 +202,17 @@ pub fn replication(info: &stream::Info, replicas: usize) -> Replication {
             info.config.num_replicas
         ));
     }
-    if replicas == 1 {
+    peers(info.cluster.as_ref(), replicas)
+}
+
+/// Whether a stream's or consumer's cluster info shows `replicas` replicas:
+/// a leader and `replicas - 1` followers, each current, online and without
+/// lag.
+fn peers(cluster: Option<&ClusterInfo>, replicas: usize) -> Replication {
+    if replicas <= 1 {
         return Replication::Current;
     }
-    let Some(cluster) = &info.cluster else {
+    let Some(cluster) = cluster else {
         return Replication::Behind("no cluster info (is the server clustered?)".into());
     };
     if cluster.leader.as_deref().is_none_or(str::is_empty) {
@@ -164,5 +282,41 @@ mod tests {
         assert!(
             matches!(replication(&cluster(&both), 1), Replication::Behind(w) if w.contains("not 1"))
         );
+    }
+
+    #[test]
+    fn growth_under_use_is_safe_from_nats_server_2_10() {
+        assert!(!grows_consumers_safely("2.9.10"));
+        assert!(!grows_consumers_safely("v2.9.25"));
+        assert!(grows_consumers_safely("2.10.0"));
+        assert!(grows_consumers_safely("v2.15.1"));
+        assert!(grows_consumers_safely("3.0.0-beta"));
+        assert!(!grows_consumers_safely("unknown"));
+    }
+
+    #[test]
+    fn a_consumer_moved_onto_new_peers_is_current_once_every_follower_is() {
+        // A durable consumer's cluster info as nats-server 2.9 reports it
+        // after its stream went R1 -> R3 (no `lag` field).
+        let cluster = |replicas: &str| -> ClusterInfo {
+            serde_json::from_str(&format!(
+                r#"{{"name":"hookmesh","leader":"n1","replicas":[{replicas}]}}"#
+            ))
+            .expect("cluster info")
+        };
+        let moved =
+            r#"{"name":"n2","current":true,"active":1},{"name":"n3","current":true,"active":1}"#;
+        assert_eq!(peers(Some(&cluster(moved)), 3), Replication::Current);
+        assert!(matches!(
+            peers(Some(&cluster("")), 3),
+            Replication::Behind(w) if w.contains("0 of 2")
+        ));
+        let copying =
+            r#"{"name":"n2","current":false,"active":1},{"name":"n3","current":true,"active":1}"#;
+        assert!(matches!(
+            peers(Some(&cluster(copying)), 3),
+            Replication::Behind(w) if w.contains("n2")
+        ));
+        assert_eq!(peers(None, 1), Replication::Current, "R1 has no followers");
     }
 }
