@@ -301,7 +301,7 @@ mod tests {
     use hookmesh_test_support::NatsServer;
 
     use super::*;
-    use crate::config::IngestConfig;
+    use crate::config::{Config, Env, Origin};
     use crate::streams::{self, EVENTS_STREAM, Mode};
 
     async fn stored(js: &jetstream::Context) -> u64 {
@@ -314,14 +314,10 @@ mod tests {
         let nats = NatsServer::start().expect("nats-server");
         let client = async_nats::connect(nats.url()).await.expect("connect");
         let js = jetstream::new(client);
-        let ingest = IngestConfig {
-            duplicate_window: Duration::from_secs(1),
-            idempotency_ttl: Duration::from_secs(1),
-            publish_timeout: Duration::from_secs(5),
-            retry_after: Duration::from_secs(1),
-            max_age: Duration::from_secs(3600),
-            partitions: 16,
-        };
+        let mut ingest = Config::from_toml("", Origin::Builtin, &Env::default())
+            .expect("the built-in config")
+            .ingest;
+        ingest.duplicate_window = Duration::from_secs(1);
         streams::apply(&js, &ingest, Mode::Update)
             .await
             .expect("streams");

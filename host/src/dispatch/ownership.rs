@@ -132,6 +132,9 @@ fn ms(d: Duration) -> u64 {
 pub struct Fence {
     valid_until: AtomicU64,
     stop: watch::Sender<bool>,
+    /// Set by the worker when it ends with every event it had settled or
+    /// confirmed back on the server: only then may the lease go at once.
+    returned_all: std::sync::atomic::AtomicBool,
 }
 
 impl Fence {
@@ -139,6 +142,7 @@ impl Fence {
         let fence = Arc::new(Fence {
             valid_until: AtomicU64::new(0),
             stop: watch::Sender::new(false),
+            returned_all: std::sync::atomic::AtomicBool::new(false),
         });
         fence.extend(lease_until);
         fence
@@ -181,6 +185,18 @@ impl Fence {
     /// Asks the worker to hand the partition over.
     fn hand_over(&self) {
         self.stop.send_replace(true);
+    }
+
+    /// The worker ends with nothing of the partition's left unconfirmed:
+    /// every event it took is acked, or back on the server by a nak the
+    /// server confirmed.
+    pub fn mark_returned_all(&self) {
+        self.returned_all.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the worker ended so ([`mark_returned_all`](Self::mark_returned_all)).
+    pub fn returned_all(&self) -> bool {
+        self.returned_all.load(Ordering::Relaxed)
     }
 }
 
@@ -365,6 +381,14 @@ impl<W: StartWorker> Ownership<W> {
             let Some(held) = self.held.remove(&p) else {
                 continue;
             };
+            if !held.fence.returned_all() {
+                // Some event may still be out unacked (a nak the server did
+                // not confirm, acks not flushed): the lease runs out, and
+                // the next holder waits `ack_wait` past it for the server
+                // to hand those out again, before any later event.
+                warn!(handler = %self.handler, partition = p, "partition released without every event confirmed back; its lease runs out instead of going now");
+                continue;
+            }
             // Every event of the partition is settled or back on the
             // server: the next holder may pull at once.
             let key = lease_key(&self.handler, p);
@@ -375,8 +399,36 @@ impl<W: StartWorker> Ownership<W> {
             {
                 Ok(()) => info!(handler = %self.handler, partition = p, "partition handed over"),
                 Err(error) => {
-                    debug!(handler = %self.handler, partition = p, %error, "lease not deleted (it runs out by itself)")
+                    debug!(handler = %self.handler, partition = p, %error, "lease not deleted (it runs out by itself)");
+                    self.refresh(p).await;
                 }
+            }
+        }
+    }
+
+    /// Reads partition `p`'s lease record again after a write to it failed.
+    ///
+    /// The record this host remembers comes from the watch and its own
+    /// writes; a write that timed out may still have been stored (a
+    /// cluster that lost its quorum applies it when the quorum returns), so
+    /// the remembered revision is behind and every compare-and-set on it
+    /// fails. Without a fresh read the host would never take that
+    /// partition again — and, renewing its member record, keep every other
+    /// host from taking it too.
+    async fn refresh(&mut self, p: u32) {
+        let key = lease_key(&self.handler, p);
+        match self.leases.entry(&key).await {
+            Ok(Some(entry)) => {
+                let lease = (entry.operation == Operation::Put)
+                    .then(|| serde_json::from_slice::<Lease>(&entry.value).ok())
+                    .flatten();
+                self.lease_records.insert(p, (lease, entry.revision));
+            }
+            Ok(None) => {
+                self.lease_records.remove(&p);
+            }
+            Err(error) => {
+                debug!(handler = %self.handler, partition = p, %error, "lease record not read again");
             }
         }
     }
@@ -408,8 +460,22 @@ impl<W: StartWorker> Ownership<W> {
                 self.lease_records.insert(p, (Some(lease), revision));
             }
             Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                warn!(handler = %self.handler, partition = p, "the partition lease changed hands; this host stops working it");
-                held.fence.revoke();
+                // A renewal that timed out may have been stored after all:
+                // then the record is still this host's, at a later revision.
+                self.refresh(p).await;
+                let Some(held) = self.held.get_mut(&p) else {
+                    return;
+                };
+                match self.lease_records.get(&p) {
+                    Some((Some(lease), revision)) if lease.host == self.host => {
+                        debug!(handler = %self.handler, partition = p, revision, "a renewal that timed out was stored; renewing from it");
+                        held.revision = *revision;
+                    }
+                    _ => {
+                        warn!(handler = %self.handler, partition = p, "the partition lease changed hands; this host stops working it");
+                        held.fence.revoke();
+                    }
+                }
             }
             Err(error) => {
                 // The fence runs out by itself if this goes on.
@@ -450,6 +516,7 @@ impl<W: StartWorker> Ownership<W> {
             Ok(revision) => revision,
             Err(error) => {
                 debug!(handler = %self.handler, partition = p, %error, "partition not taken (another host was quicker)");
+                self.refresh(p).await;
                 return;
             }
         };
@@ -563,6 +630,112 @@ mod tests {
         assert_eq!(
             member_key("order-sync", "web-1:42:0190"),
             "order-sync.member.web-1=3A42=3A0190"
+        );
+    }
+
+    /// A worker that works until its fence is lost.
+    struct UntilLost;
+
+    impl StartWorker for UntilLost {
+        fn start(&self, _: u32, fence: Arc<Fence>, _: tokio::time::Instant) -> JoinHandle<()> {
+            tokio::spawn(async move {
+                fence.lost().await;
+                fence.mark_returned_all();
+            })
+        }
+    }
+
+    async fn leases() -> (hookmesh_test_support::NatsServer, kv::Store) {
+        let nats = hookmesh_test_support::NatsServer::start().expect("nats-server");
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let defaults = crate::config::Config::from_toml(
+            "",
+            crate::config::Origin::Builtin,
+            &crate::config::Env::default(),
+        )
+        .expect("the built-in config");
+        crate::streams::apply(&js, &defaults.ingest, crate::streams::Mode::Update)
+            .await
+            .expect("streams");
+        let store = js
+            .get_key_value(crate::streams::LEASES_BUCKET)
+            .await
+            .expect("bucket");
+        (nats, store)
+    }
+
+    fn ownership(store: &kv::Store) -> Ownership<UntilLost> {
+        Ownership::new(
+            store.clone(),
+            "h",
+            "host-a",
+            1,
+            || Duration::from_millis(100),
+            UntilLost,
+            |_| {},
+        )
+    }
+
+    fn lease_value(host: &str, until: u64) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&Lease {
+                host: host.into(),
+                until,
+            })
+            .expect("json"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_renewal_stored_after_it_timed_out_keeps_the_partition() {
+        let (_nats, store) = leases().await;
+        let mut own = ownership(&store);
+        own.step().await;
+        assert!(own.held.contains_key(&0), "took the free partition");
+        // A renewal the host gave up on, stored when the quorum returned:
+        // the record is still the host's, at a revision it does not know.
+        let stored = store
+            .put(lease_key("h", 0), lease_value("host-a", now_ms() + 4_000))
+            .await
+            .expect("put");
+        own.step().await;
+        let held = own.held.get(&0).expect("still held");
+        assert_eq!(held.revision, stored, "the stored revision adopted");
+        assert!(held.fence.holds());
+        own.step().await;
+        let held = own.held.get(&0).expect("still held");
+        assert!(held.revision > stored, "renewed from it");
+    }
+
+    #[tokio::test]
+    async fn a_stale_remembered_revision_does_not_lock_the_partition_out() {
+        let (_nats, store) = leases().await;
+        let key = lease_key("h", 0);
+        let first = store
+            .put(&key, lease_value("host-a", now_ms() - 10_000))
+            .await
+            .expect("put");
+        // Stored behind the host's back after what it remembers.
+        store
+            .put(&key, lease_value("host-a", now_ms() - 5_000))
+            .await
+            .expect("put");
+        let mut own = ownership(&store);
+        let remembered = Lease {
+            host: "host-a".into(),
+            until: now_ms() - 10_000,
+        };
+        own.lease_records.insert(0, (Some(remembered), first));
+        own.step().await;
+        assert!(
+            !own.held.contains_key(&0),
+            "the write on the old revision fails"
+        );
+        own.step().await;
+        assert!(
+            own.held.contains_key(&0),
+            "the record read again, the expired lease is taken"
         );
     }
 

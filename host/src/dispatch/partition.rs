@@ -102,7 +102,7 @@ impl Dispatch {
     ) {
         tokio::select! {
             _ = tokio::time::sleep_until(start_at) => {}
-            _ = fence.lost() => return,
+            _ = fence.lost() => return fence.mark_returned_all(),
         }
         let shared = Arc::new(Shared {
             dispatch: self.clone(),
@@ -118,7 +118,7 @@ impl Dispatch {
                     warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
                     tokio::select! {
                         _ = tokio::time::sleep(retry.delay()) => retry.grow(),
-                        _ = fence.lost() => return,
+                        _ = fence.lost() => return fence.mark_returned_all(),
                     }
                 }
             }
@@ -224,21 +224,26 @@ impl Dispatch {
             }
         }
         let max_deliver = slot.current().manifest.max_deliver;
-        self.hand_back(
-            &handler,
-            partition,
-            tasks,
-            queues,
-            batch,
-            returned,
-            max_deliver,
-        )
-        .await;
+        let returned_all = self
+            .hand_back(
+                &handler,
+                partition,
+                tasks,
+                queues,
+                batch,
+                returned,
+                max_deliver,
+            )
+            .await;
+        if returned_all {
+            fence.mark_returned_all();
+        }
     }
 
     /// The partition is no longer this host's: running events finish,
     /// every other one goes back to the server in stream order — after the
     /// open pull request has ended, so none comes straight back to it.
+    /// `true` when the server confirmed every return and read every ack.
     #[allow(clippy::too_many_arguments)]
     async fn hand_back(
         &self,
@@ -249,7 +254,7 @@ impl Dispatch {
         batch: Option<jetstream::consumer::pull::Batch>,
         mut back: Vec<jetstream::Message>,
         max_deliver: i64,
-    ) {
+    ) -> bool {
         // A pull request still open may deliver more: kept, not started.
         let mut late = 0;
         if let Some(mut batch) = batch {
@@ -275,23 +280,30 @@ impl Dispatch {
             .filter(|m| m.info().is_ok_and(|i| i.delivered >= max_deliver))
             .map(|m| entity_of(&m.subject))
             .collect();
-        let (mut returned, mut held) = (0, 0);
+        let (mut returned, mut held, mut unconfirmed) = (0, 0, 0);
         for message in &back {
             if at_risk.contains(&entity_of(&message.subject)) && self.rehome(handler, message).await
             {
                 held += 1;
             } else {
-                self.give_back(message).await;
+                if !self.give_back(message).await {
+                    unconfirmed += 1;
+                }
                 returned += 1;
             }
         }
         // The plain acks of the events that ran are written out and read by
         // the server before the lease goes (a flush waits for the server's
         // PONG, sent after everything before it on the connection).
-        if let Err(error) = self.js.client().flush().await {
-            warn!(%handler, partition, %error, "acks not flushed; unacked events come back after ack_wait");
-        }
-        info!(%handler, partition, returned, held, late, "partition released");
+        let flushed = match self.js.client().flush().await {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(%handler, partition, %error, "acks not flushed; unacked events come back after ack_wait");
+                false
+            }
+        };
+        info!(%handler, partition, returned, unconfirmed, held, late, "partition released");
+        flushed && unconfirmed == 0
     }
 
     /// Moves a delivery into its entity's hold record (due at once) and
@@ -313,8 +325,10 @@ impl Dispatch {
     }
 
     /// Returns a delivery to the server for immediate redelivery, waiting
-    /// for the server to confirm it.
-    pub(super) async fn give_back(&self, message: &jetstream::Message) {
+    /// for the server to confirm it; `false` when it did not (a plain nak
+    /// is sent all the same, and the event comes back after `ack_wait` at
+    /// the latest).
+    pub(super) async fn give_back(&self, message: &jetstream::Message) -> bool {
         if let Some(reply) = &message.reply {
             let confirmed = tokio::time::timeout(
                 Duration::from_secs(2),
@@ -322,10 +336,11 @@ impl Dispatch {
             )
             .await;
             if matches!(confirmed, Ok(Ok(_))) {
-                return;
+                return true;
             }
         }
         let _ = message.ack_with(AckKind::Nak(None)).await;
+        false
     }
 }
 
