@@ -351,8 +351,20 @@ async fn caught_up(bed: &Bed, tally: &Tally) {
                     });
                 }
             }
+            let dead: Vec<String> = stored_messages(&bed.js, "HOOK_DLQ")
+                .await
+                .iter()
+                .map(|m| {
+                    let header = |name: &str| {
+                        (m.headers.get(name))
+                            .map(|v| v.as_str().to_string())
+                            .unwrap_or_default()
+                    };
+                    format!("{} {}", m.subject, header("Hook-Dlq-Reason"))
+                })
+                .collect();
             panic!(
-                "the handler did not catch up within {limit:?}: {behind:?}\n{}",
+                "the handler did not catch up within {limit:?}: {behind:?}\n{}\ndead letters: {dead:?}",
                 consumers.join("\n")
             );
         }
