@@ -234,6 +234,7 @@ pub async fn apply_replicated(
     mode: Mode,
 ) -> Result<Vec<(String, Outcome)>, StreamsError> {
     let mut outcomes = Vec::new();
+    let mut growth_checked = false;
     for wanted in definitions_replicated(ingest, replicas)? {
         let name = wanted.name.clone();
         let server = |e: &dyn std::fmt::Display| StreamsError::Server {
@@ -254,8 +255,11 @@ pub async fn apply_replicated(
                 let (from, to) = (current.num_replicas.max(1), wanted.num_replicas);
                 match mode {
                     Mode::Update if from != to => {
-                        if to > from {
+                        // Once per apply: the hosts running do not change
+                        // from one stream to the next.
+                        if to > from && !growth_checked {
                             replicas::check_growth_is_safe(js).await?;
+                            growth_checked = true;
                         }
                         replicas::rescale(js, wanted, from).await?;
                         Outcome::Rescaled { from, to }

@@ -106,6 +106,19 @@ impl Bed {
         }
     }
 
+    /// Two hosts, `<prefix>-a` and `<prefix>-b`, once they share `rec`'s
+    /// partitions.
+    async fn two_hosts(&self, prefix: &str) -> (LoggedProcess, LoggedProcess) {
+        let a = self.host(&format!("{prefix}-a")).await;
+        let b = self.host(&format!("{prefix}-b")).await;
+        wait_for(Duration::from_secs(30), "the hosts share rec", || async {
+            let owned = [a.owned("rec").await, b.owned("rec").await];
+            owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == 16
+        })
+        .await;
+        (a, b)
+    }
+
     /// Which node leads `HOOK_EVENTS` (0-based), when one does.
     async fn events_leader(&self) -> Option<usize> {
         let mut stream = self.js.get_stream("HOOK_EVENTS").await.ok()?;
@@ -407,13 +420,7 @@ async fn seen(js: &jetstream::Context, entity: &str) -> (Vec<String>, usize) {
 async fn r3_keeps_every_event_while_nodes_die_and_return() {
     let mut bed = Bed::new(3).await;
     bed.wait_current(3).await;
-    let a = bed.host("r3-host-a").await;
-    let b = bed.host("r3-host-b").await;
-    wait_for(Duration::from_secs(30), "the hosts share rec", || async {
-        let owned = [a.owned("rec").await, b.owned("rec").await];
-        owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == 16
-    })
-    .await;
+    let (a, b) = bed.two_hosts("r3-host").await;
     let config = load(&bed.config);
     let load_run = Load::start(&config, &[&a, &b]);
     accepted_more(&load_run, 30, "load under way").await;
@@ -515,13 +522,7 @@ async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
     let mut bed = Bed::new(1).await;
     let version = bed.js.client().server_info().version;
     let under_load = hookmesh::streams::replicas::grows_consumers_safely(&version);
-    let mut a = bed.host("r1r3-host-a").await;
-    let mut b = bed.host("r1r3-host-b").await;
-    wait_for(Duration::from_secs(30), "the hosts share rec", || async {
-        let owned = [a.owned("rec").await, b.owned("rec").await];
-        owned.iter().all(|n| *n > 0) && owned.iter().sum::<u64>() == 16
-    })
-    .await;
+    let (mut a, mut b) = bed.two_hosts("r1r3-host").await;
     let config = load(&bed.config);
     let load_run = Load::start(&config, &[&a, &b]);
     accepted_more(&load_run, 60, "load under way").await;

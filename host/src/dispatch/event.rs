@@ -352,5 +352,18 @@ mod tests {
         // Without the look-up only the window guards, and it has passed.
         publish(None).await.expect("unchecked");
         assert_eq!(stored(&js).await, 3);
+        // A run again whose emit no earlier run stored publishes it.
+        let other = Source {
+            idempotency_key: "crm:evt-2".into(),
+            ..source.clone()
+        };
+        publish_emits(&js, "sync", &other, &emits, 16, &trace, Some(source_seq))
+            .await
+            .expect("a run again of an event never handled");
+        assert_eq!(
+            stored(&js).await,
+            4,
+            "an emit not stored before is published"
+        );
     }
 }

@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, Operation};
@@ -134,7 +134,7 @@ pub struct Fence {
     stop: watch::Sender<bool>,
     /// Set by the worker when it ends with every event it had settled or
     /// confirmed back on the server: only then may the lease go at once.
-    returned_all: std::sync::atomic::AtomicBool,
+    returned_all: AtomicBool,
 }
 
 impl Fence {
@@ -142,7 +142,7 @@ impl Fence {
         let fence = Arc::new(Fence {
             valid_until: AtomicU64::new(0),
             stop: watch::Sender::new(false),
-            returned_all: std::sync::atomic::AtomicBool::new(false),
+            returned_all: AtomicBool::new(false),
         });
         fence.extend(lease_until);
         fence
@@ -500,23 +500,31 @@ impl<W: StartWorker> Ownership<W> {
         };
         let until = lease.until;
         let key = lease_key(&self.handler, p);
+        // A failed write says whether the record differs from what this
+        // host remembers (`conflict`): only then is it read again — a
+        // timeout during an outage must not cost a second round trip.
         let written = match (&previous, revision) {
-            (Some(_), Some(revision)) => self
-                .leases
-                .update(&key, value, revision)
-                .await
-                .map_err(|e| e.to_string()),
-            _ => self
-                .leases
-                .create(&key, value)
-                .await
-                .map_err(|e| e.to_string()),
+            (Some(_), Some(revision)) => {
+                self.leases
+                    .update(&key, value, revision)
+                    .await
+                    .map_err(|e| {
+                        let conflict = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+                        (conflict, e.to_string())
+                    })
+            }
+            _ => self.leases.create(&key, value).await.map_err(|e| {
+                let conflict = e.kind() == kv::CreateErrorKind::AlreadyExists;
+                (conflict, e.to_string())
+            }),
         };
         let revision = match written {
             Ok(revision) => revision,
-            Err(error) => {
+            Err((conflict, error)) => {
                 debug!(handler = %self.handler, partition = p, %error, "partition not taken (another host was quicker)");
-                self.refresh(p).await;
+                if conflict {
+                    self.refresh(p).await;
+                }
                 return;
             }
         };

@@ -137,28 +137,43 @@ pub async fn wait_consumers_current(
         .map_err(|e| server(format!("listing its consumers: {e}")))?;
     let deadline = Instant::now() + limit;
     for consumer in names {
-        let mut last;
-        loop {
+        until_current(deadline, || async {
             match stream.consumer_info(&consumer).await {
-                Ok(info) if info.config.durable_name.is_none() => break,
-                Ok(info) => match peers(info.cluster.as_ref(), replicas) {
-                    Replication::Current => break,
-                    Replication::Behind(why) => last = why,
-                },
-                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => break,
-                Err(e) => last = e.to_string(),
+                Ok(info) if info.config.durable_name.is_none() => Replication::Current,
+                Ok(info) => peers(info.cluster.as_ref(), replicas),
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Replication::Current,
+                Err(e) => Replication::Behind(e.to_string()),
             }
-            if Instant::now() >= deadline {
-                return Err(server(format!(
-                    "consumer {consumer}: its {replicas} replica(s) did not become current \
-                     within {limit:?} ({last}); check `nats consumer info {name} {consumer}` \
-                     and run `hookmesh streams apply` again"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        })
+        .await
+        .map_err(|last| {
+            server(format!(
+                "consumer {consumer}: its {replicas} replica(s) did not become current \
+                 within {limit:?} ({last}); check `nats consumer info {name} {consumer}` \
+                 and run `hookmesh streams apply` again"
+            ))
+        })?;
     }
     Ok(())
+}
+
+/// Looks with `look` every 250 ms until it says `Current`; past `deadline`,
+/// the last reason it gave for not being current.
+async fn until_current<F, Fut>(deadline: Instant, mut look: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Replication>,
+{
+    loop {
+        let last = match look().await {
+            Replication::Current => return Ok(()),
+            Replication::Behind(why) => why,
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Waits until [`replication`] says `Current` for `replicas` replicas.
@@ -168,30 +183,23 @@ pub async fn wait_current(
     replicas: usize,
     limit: Duration,
 ) -> Result<(), StreamsError> {
-    let deadline = Instant::now() + limit;
-    let mut last;
-    loop {
+    until_current(Instant::now() + limit, || async {
         match js.get_stream(name).await {
             Ok(mut stream) => match stream.info().await {
-                Ok(info) => match replication(info, replicas) {
-                    Replication::Current => return Ok(()),
-                    Replication::Behind(why) => last = why,
-                },
-                Err(e) => last = e.to_string(),
+                Ok(info) => replication(info, replicas),
+                Err(e) => Replication::Behind(e.to_string()),
             },
-            Err(e) => last = e.to_string(),
+            Err(e) => Replication::Behind(e.to_string()),
         }
-        if Instant::now() >= deadline {
-            return Err(StreamsError::Server {
-                stream: name.to_string(),
-                message: format!(
-                    "its {replicas} replica(s) did not become current within {limit:?} ({last}); \
-                     check `nats stream info {name}` and run `hookmesh streams apply` again"
-                ),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
+    .map_err(|last| StreamsError::Server {
+        stream: name.to_string(),
+        message: format!(
+            "its {replicas} replica(s) did not become current within {limit:?} ({last}); \
+             check `nats stream info {name}` and run `hookmesh streams apply` again"
+        ),
+    })
 }
 
 /// Whether a stream's `replicas` replicas are all there and current.
