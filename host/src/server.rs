@@ -17,7 +17,7 @@ use crate::admin::{self, Admin};
 use crate::config::{Config, HEADER_BUDGET};
 use crate::deploy::follow::Follower;
 use crate::dispatch::services::NatsServices;
-use crate::dispatch::{Dispatch, DispatchError, version_of};
+use crate::dispatch::{Dispatch, version_of};
 use crate::dlq;
 use crate::edge;
 use crate::ingress::{self, Ingress};
@@ -55,9 +55,6 @@ pub enum ServeError {
         /// The operating system's answer.
         source: std::io::Error,
     },
-    /// Dispatch could not start.
-    #[error(transparent)]
-    Dispatch(#[from] DispatchError),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
@@ -341,7 +338,7 @@ fn lock(workers: &Workers) -> std::sync::MutexGuard<'_, JoinSet<()>> {
 /// starts dispatch. Returns only on an error that retrying cannot fix.
 async fn start_background(bg: Background) -> ServeError {
     let js = async_nats::jetstream::new(bg.client.clone());
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = StartBackoff::default();
     loop {
         match streams::apply_replicated(&js, &bg.config.ingest, bg.config.nats.replicas, bg.mode)
             .await
@@ -357,11 +354,7 @@ async fn start_background(bg: Background) -> ServeError {
                 error!(error = %fatal, "streams conflict with the config");
                 return ServeError::Streams(fatal);
             }
-            Err(e) => {
-                warn!(error = %e, retry_in = ?delay, "streams not applied yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Err(e) => backoff.wait(&e, "streams not applied yet").await,
         }
     }
     if !bg.role.works() {
@@ -392,21 +385,28 @@ async fn start_background(bg: Background) -> ServeError {
             }
         }
     }
-    let services = match NatsServices::open(&js).await {
-        Ok(services) => services,
-        Err(error) => return ServeError::Dispatch(error),
-    };
-    let dispatch = match Dispatch::new(
-        js.clone(),
-        bg.runtime,
-        Arc::new(services),
-        bg.config.ingest.partitions,
-        bg.metrics.clone(),
-    )
-    .await
-    {
-        Ok(dispatch) => dispatch,
-        Err(e) => return ServeError::Dispatch(e),
+    // The buckets exist once the streams are applied, so failing to open
+    // one is the cluster electing a leader (a node was lost): wait it out
+    // as for the streams, rather than end the host.
+    let services = Arc::new(loop {
+        match NatsServices::open(&js).await {
+            Ok(services) => break services,
+            Err(e) => backoff.wait(&e, "handler services not reachable yet").await,
+        }
+    });
+    let dispatch = loop {
+        let opened = Dispatch::new(
+            js.clone(),
+            bg.runtime.clone(),
+            services.clone(),
+            bg.config.ingest.partitions,
+            bg.metrics.clone(),
+        )
+        .await;
+        match opened {
+            Ok(dispatch) => break dispatch,
+            Err(e) => backoff.wait(&e, "dispatch buckets not reachable yet").await,
+        }
     };
     // Handlers loaded from files run at once; deployed ones (and new
     // versions of either) arrive through the follower.
@@ -417,6 +417,29 @@ async fn start_background(bg: Background) -> ServeError {
     lock(&bg.workers).spawn(follower.run(bg.stopped));
     info!(partitions = bg.config.ingest.partitions, "dispatch started");
     std::future::pending().await
+}
+
+/// The wait between tries of a start-up step NATS cannot answer yet:
+/// 200 ms, doubling to 5 s.
+struct StartBackoff {
+    delay: Duration,
+}
+
+impl Default for StartBackoff {
+    fn default() -> Self {
+        StartBackoff {
+            delay: Duration::from_millis(200),
+        }
+    }
+}
+
+impl StartBackoff {
+    /// Logs why the step is tried again and waits before the next try.
+    async fn wait(&mut self, error: &(dyn std::fmt::Display + Sync), what: &'static str) {
+        warn!(error = %error, retry_in = ?self.delay, "{what}");
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {

@@ -633,11 +633,35 @@ impl LoggedProcess {
     /// and waits until it listens and its dispatch runs.
     pub async fn start(dir: &std::path::Path, args: &[&str], name: &str) -> LoggedProcess {
         let mut process = Self::spawn(dir, args, name, &[]);
-        wait_for(Duration::from_secs(90), "dispatch started", || async {
-            process.log().contains("dispatch started")
-        })
-        .await;
-        let log = process.log();
+        let limit = Duration::from_secs(90);
+        if !process.started_within(limit).await {
+            panic!(
+                "{name} did not start dispatch within {limit:?}; its log ends:\n{}",
+                tail(&process.log(), 40)
+            );
+        }
+        process
+    }
+
+    /// Waits up to `limit` for a spawned host to listen and run dispatch
+    /// (then `address` and `admin` are set); `false` when it has not yet.
+    /// Panics, with its log, when it ended instead.
+    pub async fn started_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains("dispatch started") {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} ended ({status}) before dispatch started; its log ends:\n{}",
+                    self.log.display(),
+                    tail(&self.log(), 40)
+                );
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = self.log();
         let after = |marker: &str| {
             log.split(marker)
                 .nth(1)
@@ -645,9 +669,9 @@ impl LoggedProcess {
                 .unwrap_or_else(|| panic!("{marker} in the log"))
                 .to_string()
         };
-        process.address = after("address=");
-        process.admin = after("admin=");
-        process
+        self.address = after("address=");
+        self.admin = after("admin=");
+        true
     }
 
     /// Everything it logged so far.
@@ -805,4 +829,10 @@ impl std::io::Write for LogWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -203,6 +203,16 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+        // `E2E_KEEP_LOGS=DIR` keeps every run's log there, named by port.
+        if let Some(keep) = std::env::var_os("E2E_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = fs::create_dir_all(&keep);
+            for start in 1..=self.starts {
+                let from = self.dir.path().join(format!("server-{start}.log"));
+                let to = keep.join(format!("nats-{}-run-{start}.log", self.port));
+                let _ = fs::copy(from, to);
+            }
+        }
     }
 }
 
