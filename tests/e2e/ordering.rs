@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use hookmesh::manifest::Manifest;
 use hookmesh::subject::partition;
 use hookmesh_test_support::NatsServer;
@@ -136,6 +137,74 @@ async fn order_holds_across_a_host_restart_in_the_middle_of_retries() {
     .await;
     assert_eq!(seen(&js, "ORD-R").await, ["r-1", "r-2", "r-3"]);
     second.shutdown().await.expect("stop");
+}
+
+/// A delivery nobody reads any more — to a lost pull request, or one a
+/// consumer leader made before it was lost — leaves the event awaiting an
+/// ack on the server and in no host's hands until `ack_wait` runs out.
+/// The next owner of the partition must not run the entity's later events
+/// before it: it holds them back until the server's count agrees.
+#[tokio::test]
+async fn an_event_delivered_to_a_lost_pull_runs_before_its_entitys_later_events() {
+    let logs = Logs::capture();
+    let nats = NatsServer::start().expect("nats");
+    let js = jetstream(&nats).await;
+    let mut handler = recorder(100);
+    handler.ack_wait = Duration::from_secs(3);
+    handler.timeout = Duration::from_secs(1);
+    let worker = |handler: &Manifest| Options {
+        handlers: vec![handler.clone()],
+        ..Options::default()
+    };
+    // A first worker creates the partition consumers, then stops cleanly
+    // (its leases go at once: the next owner need not wait).
+    let first = TestHost::start_with(&nats, worker(&handler)).await;
+    wait_partitions_shared(&[&first], "recorder", 16).await;
+    first.shutdown().await.expect("first worker stops");
+
+    let ingress = TestHost::start_with(
+        &nats,
+        Options {
+            role: hookmesh::server::Role::Ingress,
+            ..Options::default()
+        },
+    )
+    .await;
+    let entity = "ORD-LOST";
+    host_send_all(&ingress, entity, &[("lost-1", 0)]).await;
+    // The delivery that goes astray: pulled, never acked, never read.
+    let consumer_name = handler.consumer_name(partition("crm", "order", entity, 16));
+    let mut consumer: jetstream::consumer::PullConsumer = events(&js)
+        .await
+        .get_consumer(&consumer_name)
+        .await
+        .expect("consumer");
+    let mut lost = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("pull");
+    let astray = lost.next().await.expect("delivered").expect("message");
+    assert!(astray.payload.windows(6).any(|w| w == b"ORD-LO"));
+    let pending = consumer.info().await.expect("info").num_ack_pending;
+    assert_eq!(pending, 1, "awaiting an ack, in nobody's hands");
+    host_send_all(&ingress, entity, &[("lost-2", 0), ("lost-3", 0)]).await;
+
+    let second = TestHost::start_with(&nats, worker(&handler)).await;
+    wait_for(Duration::from_secs(15), "all three handled", || async {
+        seen(&js, entity).await.len() >= 3
+    })
+    .await;
+    assert_eq!(seen(&js, entity).await, ["lost-1", "lost-2", "lost-3"]);
+    assert_eq!(
+        logs.lines_with(&["events delivered elsewhere are back", "held=3"])
+            .len(),
+        1,
+        "the owner held lost-2 and lost-3 back until lost-1 was back"
+    );
+    second.shutdown().await.expect("stop");
+    ingress.shutdown().await.expect("stop");
 }
 
 async fn host_send_all(host: &TestHost, entity: &str, events: &[(&str, u32)]) {

@@ -19,6 +19,7 @@ mod drain;
 mod event;
 pub mod ownership;
 mod partition;
+mod recount;
 mod replay;
 pub mod scheduler;
 pub mod services;

@@ -138,7 +138,9 @@ pub struct Fence {
 }
 
 impl Fence {
-    fn new(lease_until: u64) -> Arc<Fence> {
+    /// The fence of a lease that holds until `lease_until` (Unix
+    /// milliseconds).
+    pub(crate) fn new(lease_until: u64) -> Arc<Fence> {
         let fence = Arc::new(Fence {
             valid_until: AtomicU64::new(0),
             stop: watch::Sender::new(false),
@@ -163,6 +165,13 @@ impl Fence {
     fn revoke(&self) {
         self.valid_until.store(0, Ordering::Relaxed);
         self.stop.send_replace(true);
+    }
+
+    /// Whether the lease may have run out (or was taken away): from here
+    /// on another host may take the partition over once `ack_wait` has
+    /// passed, so events in hand must not be kept from redelivery.
+    pub fn lapsed(&self) -> bool {
+        now_ms() >= self.valid_until.load(Ordering::Relaxed)
     }
 
     /// Whether the worker may start an event now.

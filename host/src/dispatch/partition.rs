@@ -24,6 +24,7 @@ use futures::stream::FuturesUnordered;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ownership::{Fence, now_ms};
+use super::recount::{self, Recount};
 use super::scheduler::EntityQueues;
 use super::settle::{Outcome, Policy, Settle};
 use super::{Dispatch, Failed, HandlerSlot, Reason, event, version_of};
@@ -141,12 +142,36 @@ impl Dispatch {
         tokio::pin!(lost);
         debug!(%handler, partition, "working the partition");
         let mut last_pull_ended = tokio::time::Instant::now();
+        let mut pull_started = last_pull_ended;
+        // Deliveries may be out there (a previous holder's, a lost pull's):
+        // nothing starts until the server's count agrees with ours.
+        let mut recount = Recount::due();
+        // An event pulled (or released by the recount) starts when its
+        // entity is idle, else waits behind the entity's running one.
+        macro_rules! admit {
+            ($message:expr) => {{
+                let message: jetstream::Message = $message;
+                let entity = entity_of(&message.subject);
+                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                if let Some(message) = queues.offer(&entity, seq, message) {
+                    let check = !clear.contains(&entity);
+                    tasks.push(run_event(shared.clone(), message, entity, check));
+                }
+            }};
+        }
         loop {
             let manifest = slot.current().manifest.clone();
             let window = usize::try_from(window(&manifest)).unwrap_or(64);
-            let room = window.saturating_sub(tasks.len() + queues.waiting());
+            let mut room = window.saturating_sub(tasks.len() + queues.waiting() + recount.held());
+            if recount.active() && recount.held() < window * 4 {
+                // Lost deliveries come back only to a pull (ahead of newer
+                // events): keep pulling while holding back.
+                room = room.max(recount::PULL);
+            }
+            // A recount that is due counts before the next pull.
             let pull = batch.is_none()
                 && fence.holds()
+                && !recount.due_now()
                 && should_pull(room, window, last_pull_ended.elapsed());
             if pull {
                 match consumer
@@ -159,6 +184,7 @@ impl Dispatch {
                     Ok(messages) => {
                         retry.reset();
                         batch = Some(messages);
+                        pull_started = tokio::time::Instant::now();
                     }
                     Err(error) => {
                         warn!(%handler, partition, %error, retry_in = ?retry.delay(), "cannot pull");
@@ -191,29 +217,46 @@ impl Dispatch {
                 }
                 next = next_message(&mut batch), if batch.is_some() => match next {
                     Some(Ok(message)) => {
-                        let entity = entity_of(&message.subject);
-                        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                        if let Some(message) = queues.offer(&entity, seq, message) {
-                            let check = !clear.contains(&entity);
-                            tasks.push(run_event(shared.clone(), message, entity, check));
+                        if recount.active() {
+                            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            recount.hold(seq, message);
+                        } else {
+                            admit!(message);
                         }
                     }
                     Some(Err(error)) => {
                         debug!(%handler, partition, %error, "pull interrupted");
                         batch = None;
                         last_pull_ended = tokio::time::Instant::now();
+                        recount.start();
                     }
                     None => {
                         batch = None;
                         last_pull_ended = tokio::time::Instant::now();
+                        if recount::ended_unanswered(pull_started, PULL_EXPIRES) {
+                            debug!(%handler, partition, "pull request forgotten by the server");
+                            recount.start();
+                        }
                     }
                 },
+                // Counted between pulls: every delivery of the last one is
+                // in hand by then.
+                _ = tokio::time::sleep_until(recount.next_check()), if recount.active() && batch.is_none() => {
+                    let in_hand = tasks.len() + queues.waiting();
+                    let released = recount
+                        .check(&consumer, &self.js.client(), in_hand, manifest.ack_wait, &handler, partition)
+                        .await;
+                    for message in released.into_iter().flatten() {
+                        admit!(message);
+                    }
+                }
                 _ = progress.tick() => {
                     // Waiting events stay ours while their entity is busy.
                     if fence.holds() {
                         for message in queues.iter_waiting() {
                             let _ = message.ack_with(AckKind::Progress).await;
                         }
+                        recount.keep_alive().await;
                     }
                 }
                 _ = tokio::time::sleep_until(top_up), if wait_for_top_up => {}
@@ -223,6 +266,7 @@ impl Dispatch {
                 _ = tokio::time::sleep(Duration::from_millis(50)), if batch.is_none() && !wait_for_top_up && tasks.is_empty() => {}
             }
         }
+        returned.extend(recount.take());
         let max_deliver = slot.current().manifest.max_deliver;
         let returned_all = self
             .hand_back(
@@ -567,7 +611,7 @@ async fn attempts_loop(
                 // queued.
                 let rerun = delivery > 1 || attempt > 1;
                 let execute = Box::pin(dispatch.execute(&prepared, input, stream_seq, rerun));
-                with_progress(message, &manifest, execute)
+                with_progress(message, &manifest, &shared.fence, execute)
                     .instrument(span.clone())
                     .await
             }
@@ -750,10 +794,15 @@ async fn dead_letter(
 }
 
 /// Runs `work`, telling the server meanwhile that the event is still being
-/// worked on, so a long handler is not redelivered elsewhere.
+/// worked on, so a long handler is not redelivered elsewhere — while the
+/// lease holds. Once it may have run out, the next holder pulls `ack_wait`
+/// after it: by then the event must be redelivered (to that holder, ahead
+/// of its entity's later events), so progress stops; the work runs on and
+/// a late end here is a run again, never a run out of order.
 async fn with_progress<T>(
     message: &jetstream::Message,
     manifest: &Manifest,
+    fence: &Fence,
     work: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
@@ -764,7 +813,11 @@ async fn with_progress<T>(
         tokio::select! {
             biased;
             done = &mut work => return done,
-            _ = tokio::time::sleep(period) => { let _ = message.ack_with(AckKind::Progress).await; }
+            _ = tokio::time::sleep(period) => {
+                if !fence.lapsed() {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
         }
     }
 }
@@ -783,7 +836,7 @@ async fn wait_in_hand(
             _ = shared.fence.lost() => false,
         }
     };
-    with_progress(message, manifest, wait).await
+    with_progress(message, manifest, &shared.fence, wait).await
 }
 
 #[cfg(test)]
@@ -801,5 +854,75 @@ mod tests {
             "crm.order.ORD-1"
         );
         assert_eq!(entity_of("other.subject"), "other.subject");
+    }
+
+    /// One event delivered by a consumer with a one-second `ack_wait`, and
+    /// whether the server delivers it again while `fence` guards a
+    /// three-second invocation of it.
+    async fn redelivered_during_a_long_invocation(fence: Arc<Fence>) -> bool {
+        use jetstream::consumer::{PullConsumer, pull};
+        let nats = hookmesh_test_support::NatsServer::start().expect("nats-server");
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        let stream = js
+            .create_stream(jetstream::stream::Config {
+                name: "T".into(),
+                subjects: vec!["t.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("stream");
+        let consumer: PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("c".into()),
+                ack_wait: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        js.publish("t.1", "e".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        let fetch = |expires: Duration| {
+            let consumer = consumer.clone();
+            async move {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(1)
+                    .expires(expires)
+                    .messages()
+                    .await
+                    .expect("pull");
+                batch.next().await.map(|m| m.expect("message"))
+            }
+        };
+        let message = fetch(Duration::from_secs(2)).await.expect("delivered");
+        let manifest = Manifest::from_toml(
+            "name = \"h\"\nsubject = \"t.>\"\nack_wait = \"1s\"\ntimeout = \"500ms\"\n",
+            "test",
+        )
+        .expect("manifest");
+        let invocation = with_progress(
+            &message,
+            &manifest,
+            &fence,
+            tokio::time::sleep(Duration::from_secs(3)),
+        );
+        let (again, ()) = tokio::join!(fetch(Duration::from_millis(2_500)), invocation);
+        again.is_some_and(|m| m.info().is_ok_and(|i| i.delivered == 2))
+    }
+
+    #[tokio::test]
+    async fn a_long_invocation_keeps_its_event_while_the_lease_holds() {
+        assert!(!redelivered_during_a_long_invocation(Fence::unfenced()).await);
+    }
+
+    #[tokio::test]
+    async fn a_long_invocation_lets_its_event_go_once_the_lease_has_lapsed() {
+        // The next holder pulls ack_wait after the lease ran out: the event
+        // must be there for it, ahead of its entity's later events.
+        assert!(redelivered_during_a_long_invocation(Fence::new(0)).await);
     }
 }
