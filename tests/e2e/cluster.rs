@@ -26,9 +26,14 @@ const ENTITIES: usize = 8;
 /// short, so the test ends soon after the load).
 const PACE: Duration = Duration::from_millis(60);
 
+/// The recorder, with a retry budget (30 attempts, backoff 200 ms doubling
+/// to 3 s: about 80 s) that outlasts the outages the tests cause: its
+/// state writes fail while the state bucket has no quorum, and an event
+/// that runs out of attempts is a dead letter, as configured (with 10
+/// attempts of at most 500 ms, two events were, in a 10 s quorum loss).
 fn recorder_manifest() -> &'static str {
-    "name = \"rec\"\nsubject = \"crm.ticket.>\"\nmax_deliver = 10\nack_wait = \"5s\"\n\
-     timeout = \"3s\"\n[backoff]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
+    "name = \"rec\"\nsubject = \"crm.ticket.>\"\nmax_deliver = 30\nack_wait = \"5s\"\n\
+     timeout = \"3s\"\n[backoff]\ninitial = \"200ms\"\nmax = \"3s\"\n"
 }
 
 fn ticket(entity: &str) -> Vec<u8> {

@@ -946,3 +946,63 @@ async fn by_default_the_entity_goes_on_and_old_entries_are_purged_by_handler() {
     assert!(dead_letters(&js).await.is_empty());
     drop(host);
 }
+
+/// A dead letter is written from the failure's attempt record: while the
+/// record cannot be stored (its bucket unreachable), the event waits in
+/// hand, and the dead letter, once the bucket is back, says what failed —
+/// not that nothing was recorded.
+#[tokio::test]
+async fn a_dead_letter_waits_for_its_attempt_record_and_then_says_what_failed() {
+    let nats = NatsServer::start().expect("nats");
+    let js = jetstream(&nats).await;
+    let mut handler = recorder("rec", OnDeadLetter::Continue);
+    handler.max_deliver = 1;
+    let host = host_with(&nats, vec![handler]).await;
+    // The entity's first event runs, so the host knows it is not held and
+    // does not need the bucket to start the next one.
+    assert_eq!(
+        host.send("crm", ticket("T-REC", false), "ok-1")
+            .await
+            .status,
+        202
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the first event handled",
+        || async { seen(&js, "rec", "T-REC").await.len() == 1 },
+    )
+    .await;
+
+    let bucket = format!("KV_{}", hookmesh::streams::ATTEMPTS_BUCKET);
+    js.delete_stream(&bucket).await.expect("bucket gone");
+    assert_eq!(
+        host.send("crm", ticket("T-REC", true), "fail-2")
+            .await
+            .status,
+        202
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        dead_letters(&js).await.is_empty(),
+        "no dead letter while its attempt record cannot be stored"
+    );
+
+    let ingest = hookmesh::config::Config::from_toml(
+        &config_toml(&nats.url(), &Options::default()),
+        hookmesh::config::Origin::Builtin,
+        &hookmesh::config::Env::default(),
+    )
+    .expect("config")
+    .ingest;
+    hookmesh::streams::apply(&js, &ingest, hookmesh::streams::Mode::Update)
+        .await
+        .expect("bucket back");
+    let dead = wait_dead_letters(&js, 1).await;
+    assert_eq!(dead[0].reason, "max-deliveries", "{:?}", dead[0].error);
+    assert!(
+        dead[0].error.contains("asked to fail until attempt"),
+        "the handler's own error: {}",
+        dead[0].error
+    );
+    host.shutdown().await.expect("stop");
+}

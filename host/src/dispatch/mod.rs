@@ -497,6 +497,8 @@ impl Dispatch {
         }
     }
 
+    /// Records a failed attempt; `false` when the record could not be
+    /// stored.
     #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
@@ -507,7 +509,7 @@ impl Dispatch {
         delivery: u64,
         error: &str,
         reason: Reason,
-    ) {
+    ) -> bool {
         let failure = attempts::Failure {
             handler,
             handler_version: version,
@@ -517,8 +519,12 @@ impl Dispatch {
             error,
             reason,
         };
-        if let Err(e) = attempts::record(&self.attempts, failure).await {
-            warn!(error = %e, "attempt not recorded");
+        match attempts::record(&self.attempts, failure).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "attempt not recorded");
+                false
+            }
         }
     }
 }

@@ -25,7 +25,11 @@
 //!   lease ran out — by then the server redelivers every event the dead
 //!   host held, before any later one;
 //! - a host that cannot renew stops starting events before its lease runs
-//!   out (the [`Fence`]), so a slow or cut-off host fences itself.
+//!   out (the [`Fence`]), so a slow or cut-off host fences itself, and
+//!   stops keeping its running events from redelivery;
+//! - deliveries lost without a host dying (a forgotten pull request, a
+//!   consumer leader lost) are waited for by the owner's recount (see
+//!   `recount`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

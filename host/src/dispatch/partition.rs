@@ -63,6 +63,11 @@ fn should_pull(room: usize, window: usize, since_last_pull: Duration) -> bool {
     room > 0 && (room * 2 >= window || since_last_pull >= TOP_UP_AFTER)
 }
 
+/// The first and the longest wait before a record a dead letter needs is
+/// written again.
+const KV_RETRY_FIRST: Duration = Duration::from_millis(200);
+const KV_RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// How an event's task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -691,8 +696,8 @@ async fn after_failure(
         },
     } = failed;
     let subject = message.subject.as_str();
-    dispatch
-        .fail(
+    let record = || {
+        dispatch.fail(
             &manifest.name,
             version,
             message,
@@ -701,7 +706,10 @@ async fn after_failure(
             &error,
             reason,
         )
-        .await;
+    };
+    // In hand meanwhile: a slow bucket must not let the delivery's
+    // ack_wait run out (the server would count a delivery more, or give up).
+    let recorded = with_progress(message, manifest, &shared.fence, record()).await;
     let outcome = Outcome::Failed {
         reason,
         retry_after,
@@ -753,6 +761,18 @@ async fn after_failure(
         }
         Settle::DeadLetter { park } => {
             warn!(parent: span, %error, ?reason, attempt, "failed; dead letter");
+            // The dead letter is written from the attempt record: without
+            // it (its bucket unreachable) it could not say what failed. The
+            // event stays in hand until the record is stored.
+            let mut pause = KV_RETRY_FIRST;
+            let mut recorded = recorded;
+            while !recorded {
+                if !wait_in_hand(shared, message, manifest, pause).await {
+                    return AfterFailure::End(End::Returned);
+                }
+                recorded = with_progress(message, manifest, &shared.fence, record()).await;
+                pause = (pause * 2).min(KV_RETRY_MAX);
+            }
             AfterFailure::End(dead_letter(shared, message, manifest, stream_seq, park).await)
         }
     }
@@ -776,16 +796,29 @@ async fn dead_letter(
     stream_seq: u64,
     park: bool,
 ) -> End {
-    if park
-        && let Err(error) = park::hold(
-            &shared.dispatch.attempts,
-            &manifest.name,
-            &message.subject,
-            stream_seq,
-        )
-        .await
-    {
-        warn!(%error, "could not park the entity; its later events go on");
+    // A parking handler's entity is held before the dead letter is made,
+    // or its later events would go on: the event stays in hand until the
+    // hold is stored.
+    if park {
+        let mut pause = KV_RETRY_FIRST;
+        loop {
+            let hold = park::hold(
+                &shared.dispatch.attempts,
+                &manifest.name,
+                &message.subject,
+                stream_seq,
+            );
+            match with_progress(message, manifest, &shared.fence, hold).await {
+                Ok(()) => break,
+                Err(error) => {
+                    warn!(%error, retry_in = ?pause, "could not park the entity yet");
+                    if !wait_in_hand(shared, message, manifest, pause).await {
+                        return End::Returned;
+                    }
+                    pause = (pause * 2).min(KV_RETRY_MAX);
+                }
+            }
+        }
     }
     if let Err(error) = message.ack_with(AckKind::Term).await {
         warn!(%error, "could not terminate the delivery; the server redelivers after ack_wait");
