@@ -422,17 +422,22 @@ async fn seen(js: &jetstream::Context, entity: &str) -> (Vec<String>, usize) {
 /// Two hosts under load on a 3-node R3 cluster: a node killed and
 /// restarted, another killed, then the quorum lost and regained.
 ///
-/// Ignored in the default run: the stall after the quorum returned and a
-/// reordering at handover are fixed (see docs/scale-out.md), but on 2.15.1
-/// one run left one event of 1 162 (stored, 2xx'd) unhandled with every
-/// consumer at nothing pending, and another first-handled two adjacent
-/// events of an entity the wrong way round during lease churn — neither
-/// explained yet. Run it with
-/// `cargo nextest run -p hookmesh-e2e --run-ignored all -E 'test(/r3_keeps/)'`.
-#[ignore = "on 2.15.1: an unhandled event and a reorder during lease churn after a lost quorum, not yet explained; see docs/scale-out.md"]
+/// On nats-server 2.10 and later. On 2.9.10 the server itself lost
+/// acknowledged writes here (9 events answered with a PubAck, then gone
+/// after the nodes that held them were killed in turn and a node with an
+/// older log led again), so the test says so and checks nothing there;
+/// see docs/scale-out.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_keeps_every_event_while_nodes_die_and_return() {
     let mut bed = Bed::new(3).await;
+    let version = bed.js.client().server_info().version;
+    if !hookmesh::streams::replicas::at_least(&version, (2, 10)) {
+        eprintln!(
+            "nats-server {version}: not run — this server lost acknowledged writes when R3 \
+             nodes were killed in turn (docs/scale-out.md)"
+        );
+        return;
+    }
     bed.wait_current(3).await;
     let (a, b) = bed.two_hosts("r3-host").await;
     let config = load(&bed.config);

@@ -16,8 +16,9 @@
 //! events the server counts as awaiting an ack with those in its hands.
 //! While the server counts more, some are out there: it keeps pulling
 //! (which is how they come back), and starts the held events, in stream
-//! order, once the counts agree — or once `ack_wait` and a margin have
-//! passed, when every lost delivery has come back or never will.
+//! order, once the counts agree. Should they never agree, it starts them
+//! after four `ack_wait`s (at least a minute) with a warning: by then a
+//! working server has redelivered every lost event.
 
 use std::time::Duration;
 
@@ -32,8 +33,15 @@ pub(super) const PULL: usize = 32;
 /// How often the owner asks the server again while it holds events back.
 const RECHECK: Duration = Duration::from_millis(200);
 
-/// On top of `ack_wait`: how long the owner holds events back at most.
-const MARGIN: Duration = Duration::from_secs(2);
+/// How long the owner holds events back at most, in `ack_wait`s (and at
+/// least [`LIMIT_FLOOR`]): lost deliveries come back one `ack_wait` after
+/// they went astray once the server can redeliver — which a cluster that
+/// is electing leaders may not do for a while. The limit only guards
+/// against a count that never agrees.
+const LIMIT_ACK_WAITS: u32 = 4;
+
+/// The least the owner holds events back for before it gives up waiting.
+const LIMIT_FLOOR: Duration = Duration::from_secs(60);
 
 /// How long a flush or a consumer info may take before the check counts
 /// as not agreeing (and is made again).
@@ -140,7 +148,7 @@ impl Recount {
                     );
                 }
             }
-            _ if waited >= ack_wait + MARGIN => {
+            _ if waited >= (ack_wait * LIMIT_ACK_WAITS).max(LIMIT_FLOOR) => {
                 warn!(
                     handler,
                     partition,
@@ -162,12 +170,17 @@ impl Recount {
     }
 }
 
-/// Whether a pull request that ended without an error ended later than
-/// its server would have ended it: the server forgot it (its consumer
-/// leader went away), and deliveries to it may be lost.
+/// Whether a pull request that ended without an error was ended by the
+/// client, 5 s past its expiry, rather than by its server at its expiry:
+/// the server forgot it (its consumer leader went away), and deliveries to
+/// it may be lost — the client also drops what it had buffered then.
 pub(super) fn ended_unanswered(started: Instant, expires: Duration) -> bool {
-    started.elapsed() > expires + Duration::from_secs(1)
+    started.elapsed() > expires + CLIENT_GIVES_UP_AFTER
 }
+
+/// How long past a pull's expiry the client ends it by itself, less a
+/// second (async-nats: 5 s).
+const CLIENT_GIVES_UP_AFTER: Duration = Duration::from_secs(4);
 
 #[cfg(test)]
 mod tests {
@@ -177,9 +190,13 @@ mod tests {
     fn a_pull_the_server_ended_itself_is_not_a_sign_of_loss() {
         let now = Instant::now();
         assert!(!ended_unanswered(now, Duration::from_secs(2)));
+        assert!(!ended_unanswered(
+            now.checked_sub(Duration::from_secs(3)).expect("3 s ago"),
+            Duration::from_secs(2)
+        ));
         let long_ago = now
-            .checked_sub(Duration::from_secs(4))
-            .expect("an instant four seconds ago");
+            .checked_sub(Duration::from_secs(7))
+            .expect("an instant seven seconds ago");
         assert!(ended_unanswered(long_ago, Duration::from_secs(2)));
     }
 

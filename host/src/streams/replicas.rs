@@ -80,10 +80,16 @@ pub async fn check_growth_is_safe(js: &jetstream::Context) -> Result<(), Streams
 /// positions when a stream grows under use; an unreadable version is
 /// taken as not.
 pub fn grows_consumers_safely(version: &str) -> bool {
+    at_least(version, SAFE_GROWTH_FROM)
+}
+
+/// Whether nats-server `version` ("2.9.10", "v2.15.1") is `(major, minor)`
+/// or later; an unreadable version is not.
+pub fn at_least(version: &str, (major, minor): (u64, u64)) -> bool {
     let mut parts = version.trim_start_matches('v').split(['.', '-']);
     let mut next = || parts.next().and_then(|p| p.parse::<u64>().ok());
     match (next(), next()) {
-        (Some(major), Some(minor)) => (major, minor) >= SAFE_GROWTH_FROM,
+        (Some(has_major), Some(has_minor)) => (has_major, has_minor) >= (major, minor),
         _ => false,
     }
 }
