@@ -224,6 +224,10 @@ pub async fn apply(
     apply_replicated(js, ingest, 1, mode).await
 }
 
+/// The first nats-server release whose cluster kept every acknowledged
+/// event in hookmesh's node-loss test (`tests/e2e/cluster.rs`).
+pub const CLUSTER_KEEPS_ACKED_WRITES_FROM: (u64, u64) = (2, 10);
+
 /// Creates (and in [`Mode::Update`] updates) every stream and bucket with
 /// `replicas` replicas. A stream whose replica count changes is reported
 /// done only once every replica is current (see [`replicas`]).
@@ -235,6 +239,16 @@ pub async fn apply_replicated(
 ) -> Result<Vec<(String, Outcome)>, StreamsError> {
     let mut outcomes = Vec::new();
     let mut growth_checked = false;
+    let version = js.client().server_info().version;
+    if replicas > 1 && !replicas::at_least(&version, CLUSTER_KEEPS_ACKED_WRITES_FROM) {
+        tracing::warn!(
+            %version,
+            replicas,
+            "in hookmesh's node-loss test a cluster on this nats-server version lost events it \
+             had acknowledged (PubAck) when nodes were killed in turn; run clusters on \
+             nats-server 2.10 or later (docs/scale-out.md)"
+        );
+    }
     for wanted in definitions_replicated(ingest, replicas)? {
         let name = wanted.name.clone();
         let server = |e: &dyn std::fmt::Display| StreamsError::Server {

@@ -431,7 +431,10 @@ async fn seen(js: &jetstream::Context, entity: &str) -> (Vec<String>, usize) {
 async fn r3_keeps_every_event_while_nodes_die_and_return() {
     let mut bed = Bed::new(3).await;
     let version = bed.js.client().server_info().version;
-    if !hookmesh::streams::replicas::at_least(&version, (2, 10)) {
+    if !hookmesh::streams::replicas::at_least(
+        &version,
+        hookmesh::streams::CLUSTER_KEEPS_ACKED_WRITES_FROM,
+    ) {
         eprintln!(
             "nats-server {version}: not run — this server lost acknowledged writes when R3 \
              nodes were killed in turn (docs/scale-out.md)"
@@ -568,6 +571,10 @@ async fn r1_to_r3_under_load_then_a_node_kill_loses_nothing() {
         assert!(
             said.contains("host(s) run now") && said.contains("Stop the hosts"),
             "the refusal names the procedure: {said}"
+        );
+        assert!(
+            said.contains("run clusters on nats-server 2.10 or later"),
+            "a cluster on this version is warned about: {said}"
         );
         let mut events = bed.js.get_stream("HOOK_EVENTS").await.expect("stream");
         let info = events.info().await.expect("info");
