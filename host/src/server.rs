@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::nats::{self, Patience};
 use crate::outbox;
 use crate::publish::Publisher;
+use crate::retry::Retry;
 use crate::runtime::{Prepared, Runtime, RuntimeError};
 use crate::streams::{self, Mode, StreamsError};
 
@@ -338,7 +339,7 @@ fn lock(workers: &Workers) -> std::sync::MutexGuard<'_, JoinSet<()>> {
 /// starts dispatch. Returns only on an error that retrying cannot fix.
 async fn start_background(bg: Background) -> ServeError {
     let js = async_nats::jetstream::new(bg.client.clone());
-    let mut backoff = StartBackoff::default();
+    let mut retry = Retry::default();
     loop {
         match streams::apply_replicated(&js, &bg.config.ingest, bg.config.nats.replicas, bg.mode)
             .await
@@ -354,7 +355,7 @@ async fn start_background(bg: Background) -> ServeError {
                 error!(error = %fatal, "streams conflict with the config");
                 return ServeError::Streams(fatal);
             }
-            Err(e) => backoff.wait(&e, "streams not applied yet").await,
+            Err(e) => retry_start(&mut retry, &e, "streams not applied yet").await,
         }
     }
     if !bg.role.works() {
@@ -391,7 +392,7 @@ async fn start_background(bg: Background) -> ServeError {
     let services = Arc::new(loop {
         match NatsServices::open(&js).await {
             Ok(services) => break services,
-            Err(e) => backoff.wait(&e, "handler services not reachable yet").await,
+            Err(e) => retry_start(&mut retry, &e, "handler services not reachable yet").await,
         }
     });
     let dispatch = loop {
@@ -405,7 +406,7 @@ async fn start_background(bg: Background) -> ServeError {
         .await;
         match opened {
             Ok(dispatch) => break dispatch,
-            Err(e) => backoff.wait(&e, "dispatch buckets not reachable yet").await,
+            Err(e) => retry_start(&mut retry, &e, "dispatch buckets not reachable yet").await,
         }
     };
     // Handlers loaded from files run at once; deployed ones (and new
@@ -419,27 +420,12 @@ async fn start_background(bg: Background) -> ServeError {
     std::future::pending().await
 }
 
-/// The wait between tries of a start-up step NATS cannot answer yet:
-/// 200 ms, doubling to 5 s.
-struct StartBackoff {
-    delay: Duration,
-}
-
-impl Default for StartBackoff {
-    fn default() -> Self {
-        StartBackoff {
-            delay: Duration::from_millis(200),
-        }
-    }
-}
-
-impl StartBackoff {
-    /// Logs why the step is tried again and waits before the next try.
-    async fn wait(&mut self, error: &(dyn std::fmt::Display + Sync), what: &'static str) {
-        warn!(error = %error, retry_in = ?self.delay, "{what}");
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
-    }
+/// Logs why a start-up step NATS cannot answer yet is tried again, and
+/// waits `retry`'s pause before the next try.
+async fn retry_start(retry: &mut Retry, error: &(dyn std::fmt::Display + Sync), what: &str) {
+    warn!(error = %error, retry_in = ?retry.delay(), "{what}");
+    tokio::time::sleep(retry.delay()).await;
+    retry.grow();
 }
 
 fn warn_on_small_payload(client: &async_nats::Client, config: &Config) {

@@ -987,13 +987,7 @@ async fn a_dead_letter_waits_for_its_attempt_record_and_then_says_what_failed() 
         "no dead letter while its attempt record cannot be stored"
     );
 
-    let ingest = hookmesh::config::Config::from_toml(
-        &config_toml(&nats.url(), &Options::default()),
-        hookmesh::config::Origin::Builtin,
-        &hookmesh::config::Env::default(),
-    )
-    .expect("config")
-    .ingest;
+    let ingest = crate::streams::ingest(&nats, "");
     hookmesh::streams::apply(&js, &ingest, hookmesh::streams::Mode::Update)
         .await
         .expect("bucket back");

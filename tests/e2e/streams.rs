@@ -8,7 +8,8 @@ use hookmesh_test_support::NatsServer;
 
 use crate::support::*;
 
-fn ingest(nats: &NatsServer, extra: &str) -> hookmesh::config::IngestConfig {
+/// The ingest settings of a minimal config for `nats`, plus `extra` keys.
+pub(crate) fn ingest(nats: &NatsServer, extra: &str) -> hookmesh::config::IngestConfig {
     let text = format!("[nats]\nurl = \"{}\"\n[ingest]\n{extra}\n", nats.url());
     Config::from_toml(&text, Origin::Builtin, &Env::default())
         .expect("config")

@@ -63,11 +63,6 @@ fn should_pull(room: usize, window: usize, since_last_pull: Duration) -> bool {
     room > 0 && (room * 2 >= window || since_last_pull >= TOP_UP_AFTER)
 }
 
-/// The first and the longest wait before a record a dead letter needs is
-/// written again.
-const KV_RETRY_FIRST: Duration = Duration::from_millis(200);
-const KV_RETRY_MAX: Duration = Duration::from_secs(2);
-
 /// How an event's task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -764,14 +759,13 @@ async fn after_failure(
             // The dead letter is written from the attempt record: without
             // it (its bucket unreachable) it could not say what failed. The
             // event stays in hand until the record is stored.
-            let mut pause = KV_RETRY_FIRST;
-            let mut recorded = recorded;
-            while !recorded {
-                if !wait_in_hand(shared, message, manifest, pause).await {
-                    return AfterFailure::End(End::Returned);
-                }
-                recorded = with_progress(message, manifest, &shared.fence, record()).await;
-                pause = (pause * 2).min(KV_RETRY_MAX);
+            let stored = recorded
+                || in_hand_until(shared, message, manifest, "attempt record", || async {
+                    record().await.then_some(()).ok_or("not stored")
+                })
+                .await;
+            if !stored {
+                return AfterFailure::End(End::Returned);
             }
             AfterFailure::End(dead_letter(shared, message, manifest, stream_seq, park).await)
         }
@@ -799,31 +793,50 @@ async fn dead_letter(
     // A parking handler's entity is held before the dead letter is made,
     // or its later events would go on: the event stays in hand until the
     // hold is stored.
-    if park {
-        let mut pause = KV_RETRY_FIRST;
-        loop {
-            let hold = park::hold(
-                &shared.dispatch.attempts,
-                &manifest.name,
-                &message.subject,
-                stream_seq,
-            );
-            match with_progress(message, manifest, &shared.fence, hold).await {
-                Ok(()) => break,
-                Err(error) => {
-                    warn!(%error, retry_in = ?pause, "could not park the entity yet");
-                    if !wait_in_hand(shared, message, manifest, pause).await {
-                        return End::Returned;
-                    }
-                    pause = (pause * 2).min(KV_RETRY_MAX);
-                }
-            }
-        }
+    let hold = || {
+        park::hold(
+            &shared.dispatch.attempts,
+            &manifest.name,
+            &message.subject,
+            stream_seq,
+        )
+    };
+    if park && !in_hand_until(shared, message, manifest, "entity hold", hold).await {
+        return End::Returned;
     }
     if let Err(error) = message.ack_with(AckKind::Term).await {
         warn!(%error, "could not terminate the delivery; the server redelivers after ack_wait");
     }
     if park { End::Held } else { End::Settled }
+}
+
+/// Tries `write` (a record the event's settling needs) with the delivery in
+/// hand until it is stored: `false` when the partition was lost first.
+async fn in_hand_until<F, Fut, E>(
+    shared: &Shared,
+    message: &jetstream::Message,
+    manifest: &Manifest,
+    what: &str,
+    mut write: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut retry = Retry::default();
+    loop {
+        match with_progress(message, manifest, &shared.fence, write()).await {
+            Ok(()) => return true,
+            Err(error) => {
+                warn!(%error, retry_in = ?retry.delay(), "{what} not stored yet");
+                if !wait_in_hand(shared, message, manifest, retry.delay()).await {
+                    return false;
+                }
+                retry.grow();
+            }
+        }
+    }
 }
 
 /// Runs `work`, telling the server meanwhile that the event is still being
