@@ -69,6 +69,15 @@ fn record_denial(message: &str) {
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(message.to_string());
 }
 
+/// The pause before connection attempt `attempts` (counted from 1 since the
+/// last successful connection): none before the first — the client calls
+/// this before every attempt, and a pause there delays every start and
+/// every CLI command — then 100 ms more per attempt, at most 2 s.
+fn reconnect_delay(attempts: usize) -> Duration {
+    let step = attempts.saturating_sub(1) as u64;
+    Duration::from_millis(step.saturating_mul(100).min(2_000))
+}
+
 /// Connects with the configured URLs, credentials and TLS. The client
 /// reconnects by itself forever, quickly (at most 2 s between attempts),
 /// so a host recovers from a NATS outage — or a cluster node's loss —
@@ -82,9 +91,7 @@ pub async fn connect(
         .name(client_name)
         .connection_timeout(Duration::from_secs(3))
         .max_reconnects(None)
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((attempts as u64 * 100).min(2_000))
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::ServerError(async_nats::ServerError::Other(message))
@@ -176,5 +183,20 @@ fn hint(kind: async_nats::ConnectErrorKind, text: &str) -> &'static str {
             " (no answer in time; a TLS-first server also looks like this to a plain client)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_connection_attempt_does_not_wait_and_later_ones_back_off_to_two_seconds() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(5), Duration::from_millis(400));
+        assert_eq!(reconnect_delay(21), Duration::from_secs(2));
+        assert_eq!(reconnect_delay(usize::MAX), Duration::from_secs(2));
     }
 }

@@ -76,34 +76,93 @@ pub fn input_from(
     attempt: u64,
 ) -> Result<EventInput, NotAnEvent> {
     let address = EventAddress::parse(subject).map_err(NotAnEvent::Subject)?;
-    let get = |name: &str| {
-        headers
-            .and_then(|map| header::get(map, name))
-            .map(str::to_string)
-    };
-    let mut all = Vec::with_capacity(headers.map_or(0, |map| map.iter().count()));
+    // One pass over the headers, every one copied once; the named ones are
+    // picked out on the way (a map lookup per name cost more than this).
+    let mut known = KnownHeaders::default();
+    let mut all = Vec::with_capacity(headers.map_or(0, |map| map.len()));
     for (name, values) in headers.iter().flat_map(|map| map.iter()) {
+        let name: &str = name.as_ref();
+        let slot = known.slot(name);
         for value in values {
-            all.push((name.to_string(), value.as_str().to_string()));
+            let value = value.as_str();
+            if let Some((slot, exact)) = slot.as_ref().map(|(i, exact)| (*i, *exact)) {
+                known.offer(slot, exact, value);
+            }
+            all.push((name.to_string(), value.to_string()));
         }
     }
+    let [
+        id,
+        msg_id,
+        provider,
+        event_type,
+        domain,
+        entity,
+        entity_version,
+        correlation_id,
+        received_at,
+    ] = known.values;
     Ok(EventInput {
-        id: get(header::EVENT_ID),
-        idempotency_key: get(header::MSG_ID).unwrap_or_else(|| format!("seq:{stream_seq}")),
-        provider: get(header::PROVIDER).unwrap_or(address.provider),
-        event_type: get(header::EVENT_TYPE).unwrap_or(address.event_type),
-        domain: get(header::DOMAIN).unwrap_or(address.domain),
-        entity_id: get(header::ENTITY).unwrap_or(address.entity),
-        entity_version: get(header::ENTITY_VERSION),
-        correlation_id: get(header::CORRELATION_ID)
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        received_at: get(header::RECEIVED_AT)
+        id,
+        idempotency_key: msg_id.unwrap_or_else(|| format!("seq:{stream_seq}")),
+        provider: provider.unwrap_or(address.provider),
+        event_type: event_type.unwrap_or(address.event_type),
+        domain: domain.unwrap_or(address.domain),
+        entity_id: entity.unwrap_or(address.entity),
+        entity_version,
+        correlation_id: correlation_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        received_at: received_at
             .unwrap_or_else(|| humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
         subject: subject.to_string(),
         attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
         headers: all,
         payload: payload.to_vec(),
     })
+}
+
+/// The headers an [`EventInput`] names, in the order of
+/// [`KnownHeaders::values`].
+const KNOWN: [&str; 9] = [
+    header::EVENT_ID,
+    header::MSG_ID,
+    header::PROVIDER,
+    header::EVENT_TYPE,
+    header::DOMAIN,
+    header::ENTITY,
+    header::ENTITY_VERSION,
+    header::CORRELATION_ID,
+    header::RECEIVED_AT,
+];
+
+/// The first value of each [`KNOWN`] header, as [`header::get`] finds it: a
+/// name spelled exactly so wins over one that differs only in case.
+#[derive(Default)]
+struct KnownHeaders {
+    values: [Option<String>; 9],
+    exact: [bool; 9],
+}
+
+impl KnownHeaders {
+    /// Which known header `name` is, and whether it is spelled exactly so.
+    fn slot(&self, name: &str) -> Option<(usize, bool)> {
+        KNOWN
+            .iter()
+            .position(|known| known.eq_ignore_ascii_case(name))
+            .map(|i| (i, KNOWN[i] == name))
+    }
+
+    /// A value of header `slot`: kept if it is the first, or the first of
+    /// the exact spelling.
+    fn offer(&mut self, slot: usize, exact: bool, value: &str) {
+        let replace = match &self.values[slot] {
+            None => true,
+            Some(_) => exact && !self.exact[slot],
+        };
+        if replace {
+            self.values[slot] = Some(value.to_string());
+            self.exact[slot] = exact;
+        }
+    }
 }
 
 /// Why a handler's emits could not be published; the event is retried
@@ -307,6 +366,53 @@ mod tests {
     async fn stored(js: &jetstream::Context) -> u64 {
         let mut stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
         stream.info().await.expect("info").state.messages
+    }
+
+    #[test]
+    fn an_event_takes_its_named_headers_first_exact_spelling_then_any_case_and_else_its_subject() {
+        let subject = EventAddress::new("crm", "orders", "O-1", "order.created", 16).subject();
+        let mut headers = HeaderMap::new();
+        headers.insert("hook-event-id", "lower");
+        headers.insert(header::EVENT_ID, "exact");
+        headers.append(header::EVENT_ID, "exact-second");
+        headers.insert("HOOK-CORRELATION-ID", "corr-upper");
+        headers.insert(header::MSG_ID, "crm:e-1");
+        headers.insert("X-Other", "kept");
+        let input = input_from(&subject, Some(&headers), b"{}", 7, 2).expect("an event");
+        assert_eq!(input.id.as_deref(), Some("exact"));
+        assert_eq!(input.correlation_id, "corr-upper");
+        assert_eq!(input.idempotency_key, "crm:e-1");
+        // Not in the headers: from the subject.
+        assert_eq!(
+            (
+                input.provider.as_str(),
+                input.domain.as_str(),
+                input.entity_id.as_str()
+            ),
+            ("crm", "orders", "O-1")
+        );
+        assert_eq!(input.event_type, "order.created");
+        assert_eq!(input.entity_version, None);
+        assert_eq!(input.attempt, 2);
+        assert_eq!(input.payload, b"{}");
+        // Every header value, once each.
+        assert_eq!(input.headers.len(), 6);
+        assert!(
+            input
+                .headers
+                .contains(&("X-Other".to_string(), "kept".to_string()))
+        );
+        assert!(
+            input
+                .headers
+                .contains(&(header::EVENT_ID.to_string(), "exact-second".to_string()))
+        );
+
+        let bare = input_from(&subject, None, b"", 9, 1).expect("an event");
+        assert_eq!(bare.idempotency_key, "seq:9");
+        assert_eq!(bare.id, None);
+        assert!(bare.headers.is_empty());
+        assert!(input_from("not.an.event", None, b"", 1, 1).is_err());
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ mod drain;
 mod event;
 pub mod ownership;
 mod partition;
+mod pull;
 mod recount;
 mod replay;
 pub mod scheduler;
@@ -383,6 +384,20 @@ impl Dispatch {
             .get_consumer(&name)
             .await
             .map_err(|e| DispatchError::nats(format!("consumer {name}"), e))
+    }
+
+    /// The partition's consumer and a puller on an inbox of its own.
+    async fn bind_puller(
+        &self,
+        manifest: &Manifest,
+        partition: u32,
+    ) -> Result<(consumer::PullConsumer, pull::Puller), DispatchError> {
+        let consumer = self.ensure_bound(manifest, partition).await?;
+        let name = manifest.consumer_name(partition);
+        let puller = pull::Puller::new(&self.js, EVENTS_STREAM, &name)
+            .await
+            .map_err(|e| DispatchError::nats(format!("an inbox for consumer {name}"), e))?;
+        Ok((consumer, puller))
     }
 
     /// Lifts the hold a last delivery placed before it ran, now that it

@@ -24,6 +24,7 @@ use futures::stream::FuturesUnordered;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ownership::{Fence, now_ms};
+use super::pull::{Pulled, Puller};
 use super::recount::{self, Recount};
 use super::scheduler::EntityQueues;
 use super::settle::{Outcome, Policy, Settle};
@@ -111,10 +112,10 @@ impl Dispatch {
             fence: fence.clone(),
         });
         let mut retry = Retry::default();
-        let consumer = loop {
+        let (consumer, mut puller) = loop {
             let manifest = slot.current().manifest.clone();
-            match self.ensure_bound(&manifest, partition).await {
-                Ok(consumer) => break consumer,
+            match self.bind_puller(&manifest, partition).await {
+                Ok(bound) => break bound,
                 Err(error) => {
                     warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
                     tokio::select! {
@@ -132,7 +133,6 @@ impl Dispatch {
         // partitions of all handlers keep the cores busy.
         let mut tasks = FuturesUnordered::new();
         let mut clear: HashSet<String> = HashSet::new();
-        let mut batch: Option<jetstream::consumer::pull::Batch> = None;
         let mut returned: Vec<jetstream::Message> = Vec::new();
         let mut progress = tokio::time::interval(slot.current().manifest.ack_wait / 3);
         progress.tick().await;
@@ -142,7 +142,6 @@ impl Dispatch {
         tokio::pin!(lost);
         debug!(%handler, partition, "working the partition");
         let mut last_pull_ended = tokio::time::Instant::now();
-        let mut pull_started = last_pull_ended;
         // Deliveries may be out there (a previous holder's, a lost pull's):
         // nothing starts until the server's count agrees with ours.
         let mut recount = Recount::due();
@@ -169,23 +168,13 @@ impl Dispatch {
                 room = room.max(recount::PULL);
             }
             // A recount that is due counts before the next pull.
-            let pull = batch.is_none()
+            let pull = !puller.is_open()
                 && fence.holds()
                 && !recount.due_now()
                 && should_pull(room, window, last_pull_ended.elapsed());
             if pull {
-                match consumer
-                    .batch()
-                    .max_messages(room.min(PULL_MAX))
-                    .expires(PULL_EXPIRES)
-                    .messages()
-                    .await
-                {
-                    Ok(messages) => {
-                        retry.reset();
-                        batch = Some(messages);
-                        pull_started = tokio::time::Instant::now();
-                    }
+                match puller.request(room.min(PULL_MAX), PULL_EXPIRES).await {
+                    Ok(()) => retry.reset(),
                     Err(error) => {
                         warn!(%handler, partition, %error, retry_in = ?retry.delay(), "cannot pull");
                         tokio::select! {
@@ -198,7 +187,7 @@ impl Dispatch {
             // With room free but no pull yet, look again when a top-up is
             // due; with none free, a finishing task wakes the loop.
             let top_up = last_pull_ended + TOP_UP_AFTER;
-            let wait_for_top_up = batch.is_none() && room > 0;
+            let wait_for_top_up = !puller.is_open() && room > 0;
             tokio::select! {
                 biased;
                 _ = &mut lost => break,
@@ -215,8 +204,10 @@ impl Dispatch {
                         tasks.push(run_event(shared.clone(), next, entity, check));
                     }
                 }
-                next = next_message(&mut batch), if batch.is_some() => match next {
-                    Some(Ok(message)) => {
+                // Polled with no request open too: a delivery to a request
+                // the owner gave up on still arrives.
+                next = puller.next() => match next {
+                    Pulled::Message(message) => {
                         if recount.active() {
                             let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
                             recount.hold(seq, message);
@@ -224,24 +215,21 @@ impl Dispatch {
                             admit!(message);
                         }
                     }
-                    Some(Err(error)) => {
+                    Pulled::Ended => last_pull_ended = tokio::time::Instant::now(),
+                    Pulled::Failed(error) => {
                         debug!(%handler, partition, %error, "pull interrupted");
-                        batch = None;
                         last_pull_ended = tokio::time::Instant::now();
                         recount.start();
                     }
-                    None => {
-                        batch = None;
+                    Pulled::Forgotten => {
+                        debug!(%handler, partition, "pull request forgotten by the server");
                         last_pull_ended = tokio::time::Instant::now();
-                        if recount::ended_unanswered(pull_started, PULL_EXPIRES) {
-                            debug!(%handler, partition, "pull request forgotten by the server");
-                            recount.start();
-                        }
+                        recount.start();
                     }
                 },
                 // Counted between pulls: every delivery of the last one is
                 // in hand by then.
-                _ = tokio::time::sleep_until(recount.next_check()), if recount.active() && batch.is_none() => {
+                _ = tokio::time::sleep_until(recount.next_check()), if recount.active() && !puller.is_open() => {
                     let in_hand = tasks.len() + queues.waiting();
                     let released = recount
                         .check(&consumer, &self.js.client(), in_hand, manifest.ack_wait, &handler, partition)
@@ -263,7 +251,7 @@ impl Dispatch {
                 // Nothing to wait for but the fence (a partition with no
                 // events in flight and none free is impossible; kept as a
                 // guard against a busy loop).
-                _ = tokio::time::sleep(Duration::from_millis(50)), if batch.is_none() && !wait_for_top_up && tasks.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)), if !puller.is_open() && !wait_for_top_up && tasks.is_empty() => {}
             }
         }
         returned.extend(recount.take());
@@ -274,7 +262,7 @@ impl Dispatch {
                 partition,
                 tasks,
                 queues,
-                batch,
+                puller,
                 returned,
                 max_deliver,
             )
@@ -295,18 +283,19 @@ impl Dispatch {
         partition: u32,
         mut tasks: FuturesUnordered<impl Future<Output = Done>>,
         mut queues: EntityQueues<jetstream::Message>,
-        batch: Option<jetstream::consumer::pull::Batch>,
+        mut puller: Puller,
         mut back: Vec<jetstream::Message>,
         max_deliver: i64,
     ) -> bool {
         // A pull request still open may deliver more: kept, not started.
         let mut late = 0;
-        if let Some(mut batch) = batch {
-            while let Ok(Some(next)) = tokio::time::timeout(PULL_EXPIRES * 2, batch.next()).await {
-                if let Ok(message) = next {
+        while puller.is_open() {
+            match tokio::time::timeout(PULL_EXPIRES * 2, puller.next()).await {
+                Ok(Pulled::Message(message)) => {
                     back.push(message);
                     late += 1;
                 }
+                Ok(_) | Err(_) => break,
             }
         }
         while let Some(done) = tasks.next().await {
@@ -409,16 +398,6 @@ fn finished(
         End::Returned => {}
     }
     queues.finish(&entity).map(|(_, next)| (entity, next))
-}
-
-/// The next event of the open pull request.
-async fn next_message(
-    batch: &mut Option<jetstream::consumer::pull::Batch>,
-) -> Option<Result<jetstream::Message, async_nats::Error>> {
-    match batch {
-        Some(batch) => batch.next().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The entity an event subject names: `<provider>.<domain>.<entity>` (the

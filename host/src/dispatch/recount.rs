@@ -170,35 +170,9 @@ impl Recount {
     }
 }
 
-/// Whether a pull request that ended without an error was ended by the
-/// client, 5 s past its expiry, rather than by its server at its expiry:
-/// the server forgot it (its consumer leader went away), and deliveries to
-/// it may be lost — the client also drops what it had buffered then.
-pub(super) fn ended_unanswered(started: Instant, expires: Duration) -> bool {
-    started.elapsed() > expires + CLIENT_GIVES_UP_AFTER
-}
-
-/// How long past a pull's expiry the client ends it by itself, less a
-/// second (async-nats: 5 s).
-const CLIENT_GIVES_UP_AFTER: Duration = Duration::from_secs(4);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_pull_the_server_ended_itself_is_not_a_sign_of_loss() {
-        let now = Instant::now();
-        assert!(!ended_unanswered(now, Duration::from_secs(2)));
-        assert!(!ended_unanswered(
-            now.checked_sub(Duration::from_secs(3)).expect("3 s ago"),
-            Duration::from_secs(2)
-        ));
-        let long_ago = now
-            .checked_sub(Duration::from_secs(7))
-            .expect("an instant seven seconds ago");
-        assert!(ended_unanswered(long_ago, Duration::from_secs(2)));
-    }
 
     #[test]
     fn a_recount_starts_once_and_is_far_off_when_idle() {
