@@ -275,11 +275,20 @@ impl Dispatch {
     ) {
         let manifest = slot.current().manifest.clone();
         let mut retry = Retry::default();
-        for partition in 0..self.partitions {
-            // Made once, when the handler starts here; later a deploy's
-            // activation updates them. Workers only bind: a consumer deleted
-            // on purpose (`handlers remove --delete-consumer`) must not come
-            // back replaying the stream from the start.
+        // Made once, when the handler starts here; later a deploy's
+        // activation updates them. Workers only bind: a consumer deleted
+        // on purpose (`handlers remove --delete-consumer`) must not come
+        // back replaying the stream from the start. All at once first (a
+        // start does not wait for one round trip per partition in a row);
+        // those that failed are tried again one by one, with the back-off.
+        let first = futures::future::join_all(
+            (0..self.partitions).map(|partition| self.ensure_consumer(&manifest, partition)),
+        )
+        .await;
+        let failed = (0..self.partitions)
+            .zip(first)
+            .filter(|(_, made)| made.is_err());
+        for (partition, _) in failed {
             while let Err(error) = self.ensure_consumer(&manifest, partition).await {
                 warn!(handler = %manifest.name, partition, %error, retry_in = ?retry.delay(), "consumer not ready");
                 retry.pause(&mut shutdown).await;

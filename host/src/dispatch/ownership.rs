@@ -225,6 +225,21 @@ pub trait StartWorker: Send + Sync + 'static {
     ) -> JoinHandle<()>;
 }
 
+/// What a lease write for a free partition came to.
+enum Claim {
+    /// Another host's live lease: it hands the partition over first.
+    Held,
+    /// The write failed; `conflict` when the record is not what this host
+    /// remembers.
+    Refused { conflict: bool, error: String },
+    /// This host's lease now, at `revision`, over the `previous` record.
+    Taken {
+        lease: Lease,
+        revision: u64,
+        previous: Option<Lease>,
+    },
+}
+
 struct Held {
     revision: u64,
     until: u64,
@@ -367,6 +382,7 @@ impl<W: StartWorker> Ownership<W> {
             .collect();
         let desired = assign(&live, self.partitions);
         self.check_workers().await;
+        let mut free = Vec::new();
         for p in 0..self.partitions {
             let mine = desired[p as usize].as_deref() == Some(self.host.as_str());
             if self.held.contains_key(&p) {
@@ -375,9 +391,10 @@ impl<W: StartWorker> Ownership<W> {
                 }
                 self.renew(p).await;
             } else if mine {
-                self.take(p, now).await;
+                free.push(p);
             }
         }
+        self.take(free, now).await;
         (self.owned_gauge)(self.held.len());
     }
 
@@ -497,7 +514,33 @@ impl<W: StartWorker> Ownership<W> {
         }
     }
 
-    async fn take(&mut self, p: u32, now: u64) {
+    /// Takes the partitions `free` that are this host's: the lease writes go
+    /// out together (a host starting, or taking over from one that left,
+    /// does not wait for one round trip per partition before the last one
+    /// works), then each partition taken starts.
+    async fn take(&mut self, free: Vec<u32>, now: u64) {
+        let this = &*self;
+        let claims = futures::future::join_all(free.iter().map(|&p| this.claim(p, now))).await;
+        for (p, claim) in free.into_iter().zip(claims) {
+            match claim {
+                Claim::Held => {}
+                Claim::Refused { conflict, error } => {
+                    debug!(handler = %self.handler, partition = p, %error, "partition not taken (another host was quicker)");
+                    if conflict {
+                        self.refresh(p).await;
+                    }
+                }
+                Claim::Taken {
+                    lease,
+                    revision,
+                    previous,
+                } => self.start_taken(p, lease, revision, previous),
+            }
+        }
+    }
+
+    /// Writes this host's lease of partition `p`, if the record allows.
+    async fn claim(&self, p: u32, now: u64) -> Claim {
         let (previous, revision) = match self.lease_records.get(&p) {
             Some((lease, revision)) => (lease.clone(), Some(*revision)),
             None => (None, None),
@@ -506,12 +549,14 @@ impl<W: StartWorker> Ownership<W> {
             && lease.until > now
         {
             // Live, held by another host that will hand it over.
-            return;
+            return Claim::Held;
         }
         let Some((lease, value)) = own_lease(&self.host, now) else {
-            return;
+            return Claim::Refused {
+                conflict: false,
+                error: "the lease record could not be encoded".into(),
+            };
         };
-        let until = lease.until;
         let key = lease_key(&self.handler, p);
         // A failed write says whether the record differs from what this
         // host remembers (`conflict`): only then is it read again — a
@@ -531,16 +576,20 @@ impl<W: StartWorker> Ownership<W> {
                 (conflict, e.to_string())
             }),
         };
-        let revision = match written {
-            Ok(revision) => revision,
-            Err((conflict, error)) => {
-                debug!(handler = %self.handler, partition = p, %error, "partition not taken (another host was quicker)");
-                if conflict {
-                    self.refresh(p).await;
-                }
-                return;
-            }
-        };
+        match written {
+            Ok(revision) => Claim::Taken {
+                lease,
+                revision,
+                previous,
+            },
+            Err((conflict, error)) => Claim::Refused { conflict, error },
+        }
+    }
+
+    /// Starts the worker of partition `p`, whose lease this host has just
+    /// written over `previous`.
+    fn start_taken(&mut self, p: u32, lease: Lease, revision: u64, previous: Option<Lease>) {
+        let until = lease.until;
         self.lease_records.insert(p, (Some(lease), revision));
         // A holder that died left events unacked: wait until the server
         // hands them out again, so none is overtaken by a later one.
