@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ownership::{Fence, now_ms};
@@ -297,6 +297,12 @@ impl Dispatch {
                 }
                 Ok(_) | Err(_) => break,
             }
+        }
+        // Deliveries to requests given up on that have already arrived go
+        // back with the rest, not astray with the inbox.
+        while let Some(Pulled::Message(message)) = puller.next().now_or_never() {
+            back.push(message);
+            late += 1;
         }
         while let Some(done) = tasks.next().await {
             if let Some(message) = done.returned {

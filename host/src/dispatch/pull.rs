@@ -75,6 +75,9 @@ pub(super) struct Puller {
     numbered: u64,
     /// [`FORGOTTEN_AFTER`], shorter in tests.
     forgotten_after: Duration,
+    /// The subscription ended (the client closed): said once, then
+    /// nothing more comes.
+    ended: bool,
 }
 
 impl Puller {
@@ -97,6 +100,7 @@ impl Puller {
             filled: false,
             numbered: 0,
             forgotten_after: FORGOTTEN_AFTER,
+            ended: false,
         })
     }
 
@@ -141,6 +145,10 @@ impl Puller {
         if std::mem::take(&mut self.filled) {
             return Pulled::Ended;
         }
+        if self.ended {
+            // Not the same failure again and again to a loop that polls.
+            return std::future::pending().await;
+        }
         loop {
             let answer = match &self.open {
                 Some(open) => {
@@ -156,6 +164,7 @@ impl Puller {
             };
             let Some(message) = answer else {
                 self.open = None;
+                self.ended = true;
                 return Pulled::Failed("the inbox subscription ended".into());
             };
             match message.status {
