@@ -82,10 +82,10 @@ pub fn input_from(
     let mut all = Vec::with_capacity(headers.map_or(0, |map| map.len()));
     for (name, values) in headers.iter().flat_map(|map| map.iter()) {
         let name: &str = name.as_ref();
-        let slot = known.slot(name);
+        let slot = known_slot(name);
         for value in values {
             let value = value.as_str();
-            if let Some((slot, exact)) = slot.as_ref().map(|(i, exact)| (*i, *exact)) {
+            if let Some((slot, exact)) = slot {
                 known.offer(slot, exact, value);
             }
             all.push((name.to_string(), value.to_string()));
@@ -142,15 +142,15 @@ struct KnownHeaders {
     exact: [bool; 9],
 }
 
-impl KnownHeaders {
-    /// Which known header `name` is, and whether it is spelled exactly so.
-    fn slot(&self, name: &str) -> Option<(usize, bool)> {
-        KNOWN
-            .iter()
-            .position(|known| known.eq_ignore_ascii_case(name))
-            .map(|i| (i, KNOWN[i] == name))
-    }
+/// Which [`KNOWN`] header `name` is, and whether it is spelled exactly so.
+fn known_slot(name: &str) -> Option<(usize, bool)> {
+    KNOWN
+        .iter()
+        .position(|known| known.eq_ignore_ascii_case(name))
+        .map(|i| (i, KNOWN[i] == name))
+}
 
+impl KnownHeaders {
     /// A value of header `slot`: kept if it is the first, or the first of
     /// the exact spelling.
     fn offer(&mut self, slot: usize, exact: bool, value: &str) {

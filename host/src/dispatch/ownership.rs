@@ -228,7 +228,7 @@ pub trait StartWorker: Send + Sync + 'static {
 /// What a lease write for a free partition came to.
 enum Claim {
     /// Another host's live lease: it hands the partition over first.
-    Held,
+    Live,
     /// The write failed; `conflict` when the record is not what this host
     /// remembers.
     Refused { conflict: bool, error: String },
@@ -523,7 +523,7 @@ impl<W: StartWorker> Ownership<W> {
         let claims = futures::future::join_all(free.iter().map(|&p| this.claim(p, now))).await;
         for (p, claim) in free.into_iter().zip(claims) {
             match claim {
-                Claim::Held => {}
+                Claim::Live => {}
                 Claim::Refused { conflict, error } => {
                     debug!(handler = %self.handler, partition = p, %error, "partition not taken (another host was quicker)");
                     if conflict {
@@ -549,7 +549,7 @@ impl<W: StartWorker> Ownership<W> {
             && lease.until > now
         {
             // Live, held by another host that will hand it over.
-            return Claim::Held;
+            return Claim::Live;
         }
         let Some((lease, value)) = own_lease(&self.host, now) else {
             return Claim::Refused {

@@ -11,13 +11,14 @@
 //! comes late cannot end a newer request; and deliveries, whichever
 //! request they answer, all reach the owner.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::{StatusCode, Subject, Subscriber};
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// How long past its expiry a request may stay unanswered before the owner
 /// takes it as forgotten by the server (its consumer leader went away).
@@ -56,8 +57,6 @@ struct Open {
     number: u64,
     /// Deliveries still to come before it is filled.
     left: usize,
-    /// When it counts as forgotten.
-    forgotten_at: Instant,
 }
 
 /// The pull requests of one consumer, one open at a time.
@@ -75,6 +74,9 @@ pub(super) struct Puller {
     numbered: u64,
     /// [`FORGOTTEN_AFTER`], shorter in tests.
     forgotten_after: Duration,
+    /// When the open request counts as forgotten: one timer for the
+    /// owner's life, set again by each request (not one per answer).
+    forgotten: Pin<Box<Sleep>>,
     /// The subscription ended (the client closed): said once, then
     /// nothing more comes.
     ended: bool,
@@ -100,6 +102,7 @@ impl Puller {
             filled: false,
             numbered: 0,
             forgotten_after: FORGOTTEN_AFTER,
+            forgotten: Box::pin(tokio::time::sleep(FORGOTTEN_AFTER)),
             ended: false,
         })
     }
@@ -133,8 +136,10 @@ impl Puller {
         self.open = Some(Open {
             number,
             left: batch,
-            forgotten_at: Instant::now() + expires + self.forgotten_after,
         });
+        self.forgotten
+            .as_mut()
+            .reset(Instant::now() + expires + self.forgotten_after);
         self.filled = false;
         Ok(())
     }
@@ -150,17 +155,19 @@ impl Puller {
             return std::future::pending().await;
         }
         loop {
-            let answer = match &self.open {
-                Some(open) => {
-                    match tokio::time::timeout_at(open.forgotten_at, self.answers.next()).await {
-                        Ok(answer) => answer,
-                        Err(_) => {
-                            self.open = None;
-                            return Pulled::Forgotten;
-                        }
-                    }
-                }
-                None => self.answers.next().await,
+            let answer = if self.open.is_some() {
+                let answered = tokio::select! {
+                    biased;
+                    answer = self.answers.next() => Some(answer),
+                    () = self.forgotten.as_mut() => None,
+                };
+                let Some(answer) = answered else {
+                    self.open = None;
+                    return Pulled::Forgotten;
+                };
+                answer
+            } else {
+                self.answers.next().await
             };
             let Some(message) = answer else {
                 self.open = None;
@@ -185,12 +192,9 @@ impl Puller {
                 Some(status) => {
                     // An answer about a request given up on or already
                     // filled ends nothing.
-                    let about = message
-                        .subject
-                        .rsplit('.')
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok());
-                    if self.open.as_ref().map(|o| o.number) != about || about.is_none() {
+                    let about = message.subject.rsplit('.').next();
+                    let about = about.and_then(|n| n.parse::<u64>().ok());
+                    if !matches!((&self.open, about), (Some(open), Some(n)) if open.number == n) {
                         continue;
                     }
                     self.open = None;
