@@ -46,6 +46,10 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// is what an event spends waiting for its turn under load anyway.
 const TOP_UP_AFTER: Duration = Duration::from_millis(20);
 
+/// How long an owner with nothing to wait for but its fence sleeps before
+/// it looks again.
+const IDLE_GUARD: Duration = Duration::from_millis(50);
+
 /// Entities remembered as not held, per partition; past it the memory is
 /// dropped (and rebuilt, one KV read per entity).
 const CLEAR_MEMORY: usize = 100_000;
@@ -158,6 +162,12 @@ impl Dispatch {
                 }
             }};
         }
+        // One timer for the loop's own deadlines (a recount, a top-up, the
+        // idle guard), moved only when the earliest one changes: a timer
+        // made per turn of the loop would cost every event.
+        let mut wake_at = tokio::time::Instant::now() + IDLE_GUARD;
+        let wake = tokio::time::sleep_until(wake_at);
+        tokio::pin!(wake);
         loop {
             let manifest = slot.current().manifest.clone();
             let window = usize::try_from(window(&manifest)).unwrap_or(64);
@@ -185,9 +195,28 @@ impl Dispatch {
                 }
             }
             // With room free but no pull yet, look again when a top-up is
-            // due; with none free, a finishing task wakes the loop.
-            let top_up = last_pull_ended + TOP_UP_AFTER;
+            // due; with none free, a finishing task wakes the loop. Counted
+            // between pulls: every delivery of the last one is in hand then.
+            let recount_between_pulls = recount.active() && !puller.is_open();
             let wait_for_top_up = !puller.is_open() && room > 0;
+            // Nothing to wait for but the fence (a partition with no events
+            // in flight and none free is impossible; kept as a guard
+            // against a busy loop).
+            let idle = !puller.is_open() && !wait_for_top_up && tasks.is_empty();
+            let deadline = [
+                recount_between_pulls.then(|| recount.next_check()),
+                wait_for_top_up.then_some(last_pull_ended + TOP_UP_AFTER),
+                idle.then(|| tokio::time::Instant::now() + IDLE_GUARD),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if let Some(at) = deadline
+                && at != wake_at
+            {
+                wake_at = at;
+                wake.as_mut().reset(at);
+            }
             tokio::select! {
                 biased;
                 _ = &mut lost => break,
@@ -227,15 +256,15 @@ impl Dispatch {
                         recount.start();
                     }
                 },
-                // Counted between pulls: every delivery of the last one is
-                // in hand by then.
-                _ = tokio::time::sleep_until(recount.next_check()), if recount.active() && !puller.is_open() => {
-                    let in_hand = tasks.len() + queues.waiting();
-                    let released = recount
-                        .check(&consumer, &self.js.client(), in_hand, manifest.ack_wait, &handler, partition)
-                        .await;
-                    for message in released.into_iter().flatten() {
-                        admit!(message);
+                _ = &mut wake, if deadline.is_some() => {
+                    if recount_between_pulls && recount.due_now() {
+                        let in_hand = tasks.len() + queues.waiting();
+                        let released = recount
+                            .check(&consumer, &self.js.client(), in_hand, manifest.ack_wait, &handler, partition)
+                            .await;
+                        for message in released.into_iter().flatten() {
+                            admit!(message);
+                        }
                     }
                 }
                 _ = progress.tick() => {
@@ -247,11 +276,6 @@ impl Dispatch {
                         recount.keep_alive().await;
                     }
                 }
-                _ = tokio::time::sleep_until(top_up), if wait_for_top_up => {}
-                // Nothing to wait for but the fence (a partition with no
-                // events in flight and none free is impossible; kept as a
-                // guard against a busy loop).
-                _ = tokio::time::sleep(Duration::from_millis(50)), if !puller.is_open() && !wait_for_top_up && tasks.is_empty() => {}
             }
         }
         returned.extend(recount.take());
@@ -837,10 +861,12 @@ async fn with_progress<T>(
     work: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
+    // Work done at its first poll (most is) needs no timer at all.
+    if let std::task::Poll::Ready(done) = futures::poll!(work.as_mut()) {
+        return done;
+    }
     let period = manifest.ack_wait / 3;
     loop {
-        // The work first: one that is done at its first poll (most are)
-        // never arms the timer.
         tokio::select! {
             biased;
             done = &mut work => return done,

@@ -36,7 +36,10 @@ const MAX_ID_BYTES: usize = 256;
 
 /// The per-invocation store data.
 pub(super) struct Invocation {
-    pub(super) wasi: WasiCtx,
+    /// Built on the guest's first WASI call: most invocations make none,
+    /// and building one (environment, clocks, a seeded random source) is
+    /// a measurable part of a short invocation.
+    pub(super) wasi: Option<WasiCtx>,
     pub(super) table: ResourceTable,
     pub(super) limits: StoreLimits,
     pub(super) http: WasiHttpCtx,
@@ -56,8 +59,11 @@ pub(super) struct Invocation {
 
 impl WasiView for Invocation {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let sandbox = &self.manifest.sandbox;
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| super::sandbox::wasi_ctx(sandbox)),
             table: &mut self.table,
         }
     }
