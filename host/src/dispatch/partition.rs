@@ -194,10 +194,11 @@ impl Dispatch {
                     }
                 }
             }
-            // With room free but no pull yet, look again when a top-up is
-            // due; with none free, a finishing task wakes the loop. Counted
-            // between pulls: every delivery of the last one is in hand then.
+            // A recount counts between pulls: every delivery of the last
+            // one is in hand by then.
             let recount_between_pulls = recount.active() && !puller.is_open();
+            // With room free but no pull yet, look again when a top-up is
+            // due; with none free, a finishing task wakes the loop.
             let wait_for_top_up = !puller.is_open() && room > 0;
             // Nothing to wait for but the fence (a partition with no events
             // in flight and none free is impossible; kept as a guard
@@ -861,7 +862,7 @@ async fn with_progress<T>(
     work: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
-    // Work done at its first poll (most is) needs no timer at all.
+    // Work done at its first poll (most of it) needs no timer at all.
     if let std::task::Poll::Ready(done) = futures::poll!(work.as_mut()) {
         return done;
     }
