@@ -625,14 +625,24 @@ impl<W: StartWorker> Ownership<W> {
             held.handing_over = true;
             held.fence.hand_over();
         }
-        // Keep renewing while the workers finish their events in hand.
+        // Keep the leases while the workers finish their events in hand:
+        // a finished worker's partition is released within 50 ms, and a
+        // lease is renewed on its usual cadence (not on every look, which
+        // would write every lease 20 times a second while the open pulls
+        // run out).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !self.held.is_empty() && tokio::time::Instant::now() < deadline {
             self.check_workers().await;
             if self.held.is_empty() {
                 break;
             }
-            let partitions: Vec<u32> = self.held.keys().copied().collect();
+            let due = now_ms() + ms(LEASE_TTL.saturating_sub(TICK));
+            let partitions: Vec<u32> = self
+                .held
+                .iter()
+                .filter(|(_, held)| held.until <= due)
+                .map(|(p, _)| *p)
+                .collect();
             for p in partitions {
                 self.renew(p).await;
             }
@@ -755,6 +765,70 @@ mod tests {
             })
             .expect("json"),
         )
+    }
+
+    /// A worker that needs `0` to hand its partition back once told to
+    /// (an open pull running out, events in hand finishing).
+    struct SlowHandBack(Duration);
+
+    impl StartWorker for SlowHandBack {
+        fn start(&self, _: u32, fence: Arc<Fence>, _: tokio::time::Instant) -> JoinHandle<()> {
+            let takes = self.0;
+            tokio::spawn(async move {
+                fence.lost().await;
+                tokio::time::sleep(takes).await;
+                fence.mark_returned_all();
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_leaving_renews_its_leases_on_their_cadence_while_its_workers_finish() {
+        let (nats, store) = leases().await;
+        let js =
+            async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+        let writes = || async {
+            js.get_stream(format!("KV_{}", crate::streams::LEASES_BUCKET))
+                .await
+                .expect("bucket stream")
+                .info()
+                .await
+                .expect("info")
+                .state
+                .last_sequence
+        };
+        let mut own = Ownership::new(
+            store.clone(),
+            "h",
+            "host-a",
+            4,
+            || Duration::from_millis(100),
+            SlowHandBack(Duration::from_millis(1500)),
+            |_| {},
+        );
+        own.step().await;
+        assert_eq!(own.held.len(), 4, "took the free partitions");
+        let before = writes().await;
+        let started = std::time::Instant::now();
+        own.leave().await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "waited for the workers"
+        );
+        let written = writes().await - before;
+        // Per partition: one renewal a second while the workers finish (at
+        // most 2 in 1.5 s) and the release; then the member record.
+        assert!(
+            written <= 4 * 3 + 1,
+            "{written} lease writes while leaving (renewed on every 50 ms look?)"
+        );
+        for p in 0..4 {
+            let lease = store.get(lease_key("h", p)).await.expect("read");
+            assert!(
+                lease.is_none_or(|value| serde_json::from_slice::<Lease>(&value).is_err()),
+                "partition {p} released"
+            );
+        }
     }
 
     #[tokio::test]
