@@ -918,31 +918,13 @@ mod tests {
     /// whether the server delivers it again while `fence` guards a
     /// three-second invocation of it.
     async fn redelivered_during_a_long_invocation(fence: Arc<Fence>) -> bool {
-        use jetstream::consumer::{PullConsumer, pull};
-        let nats = hookmesh_test_support::NatsServer::start().expect("nats-server");
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let js = jetstream::new(client);
-        let stream = js
-            .create_stream(jetstream::stream::Config {
-                name: "T".into(),
-                subjects: vec!["t.>".into()],
-                ..Default::default()
-            })
-            .await
-            .expect("stream");
-        let consumer: PullConsumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some("c".into()),
-                ack_wait: Duration::from_secs(1),
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        js.publish("t.1", "e".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
+        use super::super::pull::tests::{publish, stream_with_consumer};
+        let (_nats, js, consumer) = stream_with_consumer(jetstream::consumer::pull::Config {
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await;
+        publish(&js, 1).await;
         let fetch = |expires: Duration| {
             let consumer = consumer.clone();
             async move {

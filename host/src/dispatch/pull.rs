@@ -212,17 +212,22 @@ impl Puller {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use async_nats::jetstream::consumer::{PullConsumer, pull};
 
     const STREAM: &str = "T";
     const CONSUMER: &str = "c";
 
-    /// A server with stream `T` (`t.>`) holding `events`, and consumer `c`.
-    async fn consumer_with(
-        events: usize,
-    ) -> (hookmesh_test_support::NatsServer, jetstream::Context) {
+    /// A server of its own with stream `T` (`t.>`) and consumer `c`, made
+    /// with `config` (its name set here); the dispatch tests' fixture.
+    pub(in crate::dispatch) async fn stream_with_consumer(
+        config: pull::Config,
+    ) -> (
+        hookmesh_test_support::NatsServer,
+        jetstream::Context,
+        PullConsumer,
+    ) {
         let nats = hookmesh_test_support::NatsServer::start().expect("nats-server");
         let client = async_nats::connect(nats.url()).await.expect("connect");
         let js = jetstream::new(client);
@@ -234,20 +239,29 @@ mod tests {
             })
             .await
             .expect("stream");
-        let _: PullConsumer = stream
+        let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some(CONSUMER.into()),
-                ..Default::default()
+                ..config
             })
             .await
             .expect("consumer");
+        (nats, js, consumer)
+    }
+
+    /// [`stream_with_consumer`] with the default consumer, holding `events`.
+    async fn consumer_with(
+        events: usize,
+    ) -> (hookmesh_test_support::NatsServer, jetstream::Context) {
+        let (nats, js, _) = stream_with_consumer(pull::Config::default()).await;
         for i in 0..events {
             publish(&js, i).await;
         }
         (nats, js)
     }
 
-    async fn publish(js: &jetstream::Context, i: usize) {
+    /// Stores an event on `t.<i>`.
+    pub(in crate::dispatch) async fn publish(js: &jetstream::Context, i: usize) {
         js.publish(format!("t.{i}"), "e".into())
             .await
             .expect("publish")
