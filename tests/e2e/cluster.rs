@@ -323,7 +323,13 @@ async fn check(bed: &Bed, tally: &Tally) -> (usize, usize) {
         tally.unavailable,
         tally.transport
     );
-    assert!(missing.is_empty(), "2xx'd but not stored: {missing:?}");
+    if !missing.is_empty() {
+        let state = match bed.js.get_stream("HOOK_EVENTS").await {
+            Ok(mut stream) => format!("{:?}", stream.info().await.map(|i| i.state.clone())),
+            Err(e) => e.to_string(),
+        };
+        panic!("2xx'd but not stored: {missing:?}\nHOOK_EVENTS now: {state}");
+    }
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
     assert_eq!(stored.len(), accepted, "nothing stored that was not 2xx'd");
 
