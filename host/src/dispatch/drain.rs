@@ -166,7 +166,7 @@ impl Dispatch {
                 let _ = park::give_up_lease(&self.attempts, key, holder).await;
                 return;
             }
-            let prepared = slot.ready(lease / 3).await;
+            let prepared = slot.ready(|_| lease / 3).await;
             // The lease is renewed while the event runs (its retries may
             // take far longer than one lease); losing it stops this run.
             let run = self.run_parked(slot, &prepared, stream_seq, shutdown);

@@ -145,10 +145,15 @@ impl HandlerSlot {
     }
 
     /// The version a new event runs on: waits while a switch is under way
-    /// (at most `patience`, then the current version).
-    pub async fn ready(&self, patience: Duration) -> Arc<Prepared> {
+    /// (at most `patience` of the current version's manifest, then the
+    /// current version).
+    pub async fn ready(&self, patience: impl FnOnce(&Manifest) -> Duration) -> Arc<Prepared> {
+        if !*self.switching.borrow() {
+            return self.current();
+        }
         let mut switching = self.switching.subscribe();
         if *switching.borrow_and_update() {
+            let patience = patience(&self.current().manifest);
             let waited = tokio::time::timeout(patience, switching.wait_for(|s| !*s)).await;
             if waited.is_err() {
                 warn!(handler = %self.current().manifest.name, "the new version is not ready yet; going on with the current one");

@@ -577,11 +577,8 @@ async fn attempts_loop(
         let permit = shared.slot.permit().await;
         // Waiting for a version being switched to must leave time to
         // finish well within ack_wait.
-        let prepared = shared
-            .slot
-            .ready(shared.slot.current().manifest.ack_wait / 3)
-            .await;
-        let manifest = prepared.manifest.clone();
+        let prepared = shared.slot.ready(|current| current.ack_wait / 3).await;
+        let manifest = &prepared.manifest;
         let version = version_of(&prepared);
         // A delivery that is not a hookmesh event fails like a permanent
         // error: the settle policy makes it a dead letter.
@@ -621,7 +618,7 @@ async fn attempts_loop(
                 // queued.
                 let rerun = delivery > 1 || attempt > 1;
                 let execute = Box::pin(dispatch.execute(&prepared, input, stream_seq, rerun));
-                with_progress(message, &manifest, &shared.fence, execute)
+                with_progress(message, manifest, &shared.fence, execute)
                     .instrument(span.clone())
                     .await
             }
@@ -655,7 +652,7 @@ async fn attempts_loop(
             failure,
         };
         match Box::pin(after_failure(
-            shared, message, &manifest, &version, failed, &span,
+            shared, message, manifest, &version, failed, &span,
         ))
         .await
         {

@@ -86,7 +86,7 @@ impl Dispatch {
     }
 
     async fn replay_claimed(&self, slot: &HandlerSlot, request: &ReplayRequest) -> ReplayAnswer {
-        let prepared = slot.ready(slot.current().manifest.timeout * 4).await;
+        let prepared = slot.ready(|current| current.timeout * 4).await;
         let manifest = prepared.manifest.clone();
         let version = version_of(&prepared);
         let dead = match store::get(&self.js, request.dlq_seq).await {
