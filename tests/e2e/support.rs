@@ -413,18 +413,10 @@ where
 }
 
 /// Every message still in `stream`, in stream order.
-///
-/// Only a sequence the server says holds no message (deleted or purged) is
-/// skipped. Any other failed read — on a cluster, a stream leader still
-/// being elected after a node returned answers every request with an error
-/// for a while — is retried for up to 30 s and then fails the test: a read
-/// that failed is never taken for a message that is not there.
 pub async fn stored_messages(
     js: &jetstream::Context,
     stream: &str,
 ) -> Vec<jetstream::message::StreamMessage> {
-    use async_nats::jetstream::stream::RawMessageErrorKind;
-    const PATIENCE: Duration = Duration::from_secs(30);
     let stream = js.get_stream(stream).await.expect("stream");
     let last = stream
         .clone()
@@ -435,25 +427,39 @@ pub async fn stored_messages(
         .last_sequence;
     let mut out = Vec::new();
     for seq in 1..=last {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match stream.get_raw_message(seq).await {
-                Ok(message) => out.push(message),
-                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
-                Err(e) => {
-                    eprintln!("reading message {seq} of {}: {e}; retrying", last);
-                    assert!(
-                        Instant::now() < deadline,
-                        "reading message {seq} failed for {PATIENCE:?}: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-            break;
-        }
+        out.extend(stored_message(&stream, seq).await);
     }
     out
+}
+
+/// The message at `seq`, or `None` when the server says it holds none
+/// (deleted or purged). Any other failed read — on a cluster, a stream
+/// leader still being elected after a node returned answers every request
+/// with an error for a while — is retried for up to 30 s and then fails
+/// the test: a read that failed is never taken for a message that is not
+/// there.
+async fn stored_message(stream: &Stream, seq: u64) -> Option<jetstream::message::StreamMessage> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    const PATIENCE: Duration = Duration::from_secs(30);
+    let deadline = Instant::now() + PATIENCE;
+    let mut failed = false;
+    loop {
+        match stream.get_raw_message(seq).await {
+            Ok(message) => return Some(message),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return None,
+            Err(e) => {
+                if !failed {
+                    eprintln!("reading message {seq}: {e}; retrying");
+                    failed = true;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "reading message {seq} failed for {PATIENCE:?}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// The `hookmesh` binary cargo built beside this test binary.
