@@ -1177,12 +1177,15 @@ async fn run_variant(
                     redelivered += 1;
                 }
                 if let Some(invoker) = &invoker {
+                    let event = hookmesh::dispatch::event_input(&message, 1)
+                        .map_err(|e| anyhow::anyhow!("not an event: {e}"))?;
                     let invoked = invoker
                         .runtime
-                        .invoke(
+                        .invoke_traced(
                             &invoker.prepared,
-                            hookmesh::dispatch::event_input(&message, 1).unwrap_or_default(),
+                            &event.as_ref(),
                             invoker.services.clone(),
+                            &hookmesh::telemetry::Trace::off(),
                         )
                         .await;
                     ensure!(

@@ -279,7 +279,7 @@ impl Dispatch {
                 "handle_held",
                 handler = %manifest.name,
                 version = %version,
-                correlation_id = %input.correlation_id,
+                correlation_id = %input.correlation_id(),
                 subject = %original.subject,
                 stream_seq,
                 attempt,
@@ -289,7 +289,7 @@ impl Dispatch {
             let outcome = self
                 // A held event may have run before (its entity was held
                 // after a failure, or its run's ack was lost).
-                .execute(prepared, input, stream_seq, true)
+                .execute(prepared, input.as_ref(), stream_seq, true)
                 .instrument(span.clone())
                 .await;
             drop(permit);

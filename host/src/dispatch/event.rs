@@ -1,6 +1,7 @@
 //! Between stored messages and the runtime: a delivery becomes an
-//! [`EventInput`]; a handler's emits become messages on `HOOK_EVENTS`.
+//! [`StoredEvent`]; a handler's emits become messages on `HOOK_EVENTS`.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use async_nats::HeaderMap;
@@ -9,7 +10,7 @@ use async_nats::jetstream::stream::RawMessageErrorKind;
 use futures::future::try_join_all;
 
 use crate::headers::{self as header, BadHeader, EventHeaders};
-use crate::runtime::{Emit, EventInput};
+use crate::runtime::{Emit, EventRef};
 use crate::subject::{EventAddress, TokenError, default_domain};
 use crate::telemetry::{KeyValue, SpanKind, Trace, names};
 
@@ -25,16 +26,12 @@ pub struct Source {
 }
 
 impl Source {
-    /// What the emits of `input` inherit.
-    pub fn of(input: &EventInput) -> Source {
+    /// What the emits of `event` inherit.
+    pub fn of(event: &EventRef<'_>) -> Source {
         Source {
-            idempotency_key: input.idempotency_key.clone(),
-            correlation_id: input.correlation_id.clone(),
-            traceparent: input
-                .headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(header::TRACEPARENT))
-                .map(|(_, v)| v.clone()),
+            idempotency_key: event.idempotency_key.to_string(),
+            correlation_id: event.correlation_id.to_string(),
+            traceparent: event.header(header::TRACEPARENT).map(str::to_string),
         }
     }
 }
@@ -54,7 +51,7 @@ pub enum NotAnEvent {
 /// The event of delivery number `delivery` of a message. Headers hookmesh
 /// wrote are preferred; a message someone published by hand falls back to
 /// what its subject says.
-pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, NotAnEvent> {
+pub fn input(message: &jetstream::Message, delivery: u64) -> Result<StoredEvent<'_>, NotAnEvent> {
     let info = message.info().map_err(NotAnEvent::NoMetadata)?;
     input_from(
         &message.subject,
@@ -65,19 +62,66 @@ pub fn input(message: &jetstream::Message, delivery: u64) -> Result<EventInput, 
     )
 }
 
+/// An event as it is stored, borrowed from the message it was read from;
+/// only what the message lacks (a value its subject gives, a generated
+/// correlation id) is owned. [`StoredEvent::as_ref`] is what a handler is
+/// called with.
+#[derive(Debug)]
+pub struct StoredEvent<'a> {
+    id: Option<&'a str>,
+    idempotency_key: Cow<'a, str>,
+    provider: Cow<'a, str>,
+    event_type: Cow<'a, str>,
+    domain: Cow<'a, str>,
+    entity_id: Cow<'a, str>,
+    entity_version: Option<&'a str>,
+    correlation_id: Cow<'a, str>,
+    subject: &'a str,
+    received_at: Cow<'a, str>,
+    attempt: u32,
+    headers: Vec<(&'a str, &'a str)>,
+    payload: &'a [u8],
+}
+
+impl StoredEvent<'_> {
+    /// The event as the runtime lowers it into the guest.
+    pub fn as_ref(&self) -> EventRef<'_> {
+        EventRef {
+            id: self.id,
+            idempotency_key: &self.idempotency_key,
+            provider: &self.provider,
+            event_type: &self.event_type,
+            domain: &self.domain,
+            entity_id: &self.entity_id,
+            entity_version: self.entity_version,
+            correlation_id: &self.correlation_id,
+            subject: self.subject,
+            received_at: &self.received_at,
+            attempt: self.attempt,
+            headers: &self.headers,
+            payload: self.payload,
+        }
+    }
+
+    /// The correlation id (from its header, else generated).
+    pub fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
 /// The event stored as `subject` / `headers` / `payload` at `stream_seq`,
 /// for attempt number `attempt` (also for events read back by sequence:
 /// replays and parked events).
-pub fn input_from(
-    subject: &str,
-    headers: Option<&HeaderMap>,
-    payload: &[u8],
+pub fn input_from<'a>(
+    subject: &'a str,
+    headers: Option<&'a HeaderMap>,
+    payload: &'a [u8],
     stream_seq: u64,
     attempt: u64,
-) -> Result<EventInput, NotAnEvent> {
+) -> Result<StoredEvent<'a>, NotAnEvent> {
     let address = EventAddress::parse(subject).map_err(NotAnEvent::Subject)?;
-    // One pass over the headers, every one copied once; the named ones are
-    // picked out on the way (a map lookup per name cost more than this).
+    // One pass over the headers, nothing copied; the named ones are picked
+    // out on the way (a map lookup per name cost more than this).
     let mut known = KnownHeaders::default();
     let mut all = Vec::with_capacity(headers.map_or(0, |map| map.len()));
     for (name, values) in headers.iter().flat_map(|map| map.iter()) {
@@ -88,7 +132,7 @@ pub fn input_from(
             if let Some((slot, exact)) = slot {
                 known.offer(slot, exact, value);
             }
-            all.push((name.to_string(), value.to_string()));
+            all.push((name, value));
         }
     }
     let [
@@ -102,25 +146,35 @@ pub fn input_from(
         correlation_id,
         received_at,
     ] = known.values;
-    Ok(EventInput {
+    let or_subject = |value: Option<&'a str>, from_subject: String| match value {
+        Some(value) => Cow::Borrowed(value),
+        None => Cow::Owned(from_subject),
+    };
+    Ok(StoredEvent {
         id,
-        idempotency_key: msg_id.unwrap_or_else(|| format!("seq:{stream_seq}")),
-        provider: provider.unwrap_or(address.provider),
-        event_type: event_type.unwrap_or(address.event_type),
-        domain: domain.unwrap_or(address.domain),
-        entity_id: entity.unwrap_or(address.entity),
+        idempotency_key: msg_id
+            .map_or_else(|| Cow::Owned(format!("seq:{stream_seq}")), Cow::Borrowed),
+        provider: or_subject(provider, address.provider),
+        event_type: or_subject(event_type, address.event_type),
+        domain: or_subject(domain, address.domain),
+        entity_id: or_subject(entity, address.entity),
         entity_version,
-        correlation_id: correlation_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-        received_at: received_at
-            .unwrap_or_else(|| humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
-        subject: subject.to_string(),
+        correlation_id: correlation_id.map_or_else(
+            || Cow::Owned(uuid::Uuid::now_v7().to_string()),
+            Cow::Borrowed,
+        ),
+        received_at: received_at.map_or_else(
+            || Cow::Owned(humantime::format_rfc3339_millis(SystemTime::now()).to_string()),
+            Cow::Borrowed,
+        ),
+        subject,
         attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
         headers: all,
-        payload: payload.to_vec(),
+        payload,
     })
 }
 
-/// The headers an [`EventInput`] names, in the order of
+/// The headers an [`EventRef`] names, in the order of
 /// [`KnownHeaders::values`].
 const KNOWN: [&str; 9] = [
     header::EVENT_ID,
@@ -137,8 +191,8 @@ const KNOWN: [&str; 9] = [
 /// The first value of each [`KNOWN`] header, as [`header::get`] finds it: a
 /// name spelled exactly so wins over one that differs only in case.
 #[derive(Default)]
-struct KnownHeaders {
-    values: [Option<String>; 9],
+struct KnownHeaders<'a> {
+    values: [Option<&'a str>; 9],
     exact: [bool; 9],
 }
 
@@ -150,16 +204,16 @@ fn known_slot(name: &str) -> Option<(usize, bool)> {
         .map(|i| (i, KNOWN[i] == name))
 }
 
-impl KnownHeaders {
+impl<'a> KnownHeaders<'a> {
     /// A value of header `slot`: kept if it is the first, or the first of
     /// the exact spelling.
-    fn offer(&mut self, slot: usize, exact: bool, value: &str) {
+    fn offer(&mut self, slot: usize, exact: bool, value: &'a str) {
         let replace = match &self.values[slot] {
             None => true,
             Some(_) => exact && !self.exact[slot],
         };
         if replace {
-            self.values[slot] = Some(value.to_string());
+            self.values[slot] = Some(value);
             self.exact[slot] = exact;
         }
     }
@@ -378,17 +432,14 @@ mod tests {
         headers.insert("HOOK-CORRELATION-ID", "corr-upper");
         headers.insert(header::MSG_ID, "crm:e-1");
         headers.insert("X-Other", "kept");
-        let input = input_from(&subject, Some(&headers), b"{}", 7, 2).expect("an event");
-        assert_eq!(input.id.as_deref(), Some("exact"));
+        let stored = input_from(&subject, Some(&headers), b"{}", 7, 2).expect("an event");
+        let input = stored.as_ref();
+        assert_eq!(input.id, Some("exact"));
         assert_eq!(input.correlation_id, "corr-upper");
         assert_eq!(input.idempotency_key, "crm:e-1");
         // Not in the headers: from the subject.
         assert_eq!(
-            (
-                input.provider.as_str(),
-                input.domain.as_str(),
-                input.entity_id.as_str()
-            ),
+            (input.provider, input.domain, input.entity_id),
             ("crm", "orders", "O-1")
         );
         assert_eq!(input.event_type, "order.created");
@@ -397,18 +448,11 @@ mod tests {
         assert_eq!(input.payload, b"{}");
         // Every header value, once each.
         assert_eq!(input.headers.len(), 6);
-        assert!(
-            input
-                .headers
-                .contains(&("X-Other".to_string(), "kept".to_string()))
-        );
-        assert!(
-            input
-                .headers
-                .contains(&(header::EVENT_ID.to_string(), "exact-second".to_string()))
-        );
+        assert!(input.headers.contains(&("X-Other", "kept")));
+        assert!(input.headers.contains(&(header::EVENT_ID, "exact-second")));
 
         let bare = input_from(&subject, None, b"", 9, 1).expect("an event");
+        let bare = bare.as_ref();
         assert_eq!(bare.idempotency_key, "seq:9");
         assert_eq!(bare.id, None);
         assert!(bare.headers.is_empty());

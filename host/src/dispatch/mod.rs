@@ -42,7 +42,7 @@ use crate::manifest::{Manifest, partition_filter};
 use crate::metrics::Metrics;
 use crate::records::park;
 use crate::retry::Retry;
-use crate::runtime::{EventInput, Prepared, Runtime, Services, Verdict};
+use crate::runtime::{EventRef, Prepared, Runtime, Services, Verdict};
 use crate::streams::{ATTEMPTS_BUCKET, EVENTS_STREAM, LEASES_BUCKET};
 use crate::telemetry::{self, KeyValue, SpanKind, Trace};
 
@@ -446,7 +446,7 @@ impl Dispatch {
     async fn execute(
         &self,
         prepared: &Arc<Prepared>,
-        input: EventInput,
+        input: EventRef<'_>,
         stream_seq: u64,
         rerun: bool,
     ) -> Result<usize, Failed> {
@@ -459,7 +459,7 @@ impl Dispatch {
         };
         let invoked = self
             .runtime
-            .invoke_traced(prepared, input, self.services.clone(), &trace)
+            .invoke_traced(prepared, &input, self.services.clone(), &trace)
             .await;
         let label = verdict_label(&invoked.verdict);
         self.metrics.invoked(&manifest.name, label, invoked.elapsed);
@@ -620,7 +620,7 @@ pub fn version_of(prepared: &Prepared) -> String {
 /// trace id goes on the log span the run is in (a field `trace_id`).
 fn invocation_span(
     prepared: &Prepared,
-    input: &EventInput,
+    input: &EventRef<'_>,
     source: &event::Source,
     stream_seq: u64,
 ) -> Trace {
@@ -633,17 +633,20 @@ fn invocation_span(
             vec![
                 KeyValue::new("messaging.system", "nats"),
                 KeyValue::new("messaging.operation.type", "process"),
-                KeyValue::new("messaging.destination.name", input.subject.clone()),
+                KeyValue::new("messaging.destination.name", input.subject.to_string()),
                 KeyValue::new("hookmesh.handler", manifest.name.clone()),
                 KeyValue::new("hookmesh.handler.version", prepared.version.clone()),
-                KeyValue::new("hookmesh.subject", input.subject.clone()),
+                KeyValue::new("hookmesh.subject", input.subject.to_string()),
                 KeyValue::new(
                     "hookmesh.stream_seq",
                     i64::try_from(stream_seq).unwrap_or(i64::MAX),
                 ),
                 KeyValue::new("hookmesh.attempt", i64::from(input.attempt)),
-                KeyValue::new("hookmesh.correlation_id", input.correlation_id.clone()),
-                KeyValue::new("hookmesh.idempotency_key", input.idempotency_key.clone()),
+                KeyValue::new("hookmesh.correlation_id", input.correlation_id.to_string()),
+                KeyValue::new(
+                    "hookmesh.idempotency_key",
+                    input.idempotency_key.to_string(),
+                ),
             ]
         },
     );

@@ -585,7 +585,7 @@ async fn attempts_loop(
         let input = event::input(message, attempt);
         let correlation_id = input
             .as_ref()
-            .map(|i| i.correlation_id.clone())
+            .map(|i| i.correlation_id())
             .unwrap_or_default();
         let span = info_span!(
             "invoke",
@@ -617,7 +617,8 @@ async fn attempts_loop(
                 // inline in every event's future from the moment it is
                 // queued.
                 let rerun = delivery > 1 || attempt > 1;
-                let execute = Box::pin(dispatch.execute(&prepared, input, stream_seq, rerun));
+                let execute =
+                    Box::pin(dispatch.execute(&prepared, input.as_ref(), stream_seq, rerun));
                 with_progress(message, manifest, &shared.fence, execute)
                     .instrument(span.clone())
                     .await

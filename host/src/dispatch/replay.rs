@@ -116,15 +116,15 @@ impl Dispatch {
             "replay",
             handler = %manifest.name,
             version = %version,
-            correlation_id = %input.correlation_id,
-            subject = %input.subject,
+            correlation_id = %input.correlation_id(),
+            subject = %original.subject,
             stream_seq = dead.stream_seq,
             dlq_seq = dead.dlq_seq,
             actor = %request.actor,
             trace_id = tracing::field::Empty,
         );
         async {
-            let outcome = self.execute(&prepared, input, dead.stream_seq, true).await;
+            let outcome = self.execute(&prepared, input.as_ref(), dead.stream_seq, true).await;
             let mut record = AuditRecord::new(
                 Action::Replay,
                 &request.actor,

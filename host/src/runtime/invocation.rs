@@ -20,7 +20,7 @@ use super::bindings::{v0_1, v0_2};
 use super::guest_log::{self, Admit, LogBudget};
 use super::http::Outbound;
 use super::services::{MappingFailure, Revisioned, Services, StateFailure};
-use super::{Emit, EventInput, MAX_EMITS, Verdict};
+use super::{Emit, MAX_EMITS, Verdict};
 use crate::manifest::Manifest;
 use crate::telemetry::{KeyValue, SpanKind, Trace, clip, names};
 
@@ -475,26 +475,6 @@ macro_rules! same_in_every_version {
 
             async fn get_all(&mut self) -> Vec<(String, String)> {
                 self.config_all()
-            }
-        }
-
-        impl From<EventInput> for $v::hookmesh::handler::types::Event {
-            fn from(event: EventInput) -> Self {
-                $v::hookmesh::handler::types::Event {
-                    id: event.id,
-                    idempotency_key: event.idempotency_key,
-                    provider: event.provider,
-                    event_type: event.event_type,
-                    domain: event.domain,
-                    entity_id: event.entity_id,
-                    entity_version: event.entity_version,
-                    correlation_id: event.correlation_id,
-                    subject: event.subject,
-                    received_at: event.received_at,
-                    attempt: event.attempt,
-                    headers: event.headers,
-                    payload: event.payload,
-                }
             }
         }
     };

@@ -18,6 +18,7 @@
 mod bindings;
 mod by_length;
 mod cache;
+mod event;
 pub mod guest_log;
 pub mod http;
 mod invocation;
@@ -38,6 +39,7 @@ use wasmtime::{
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use bindings::{v0_1, v0_2};
+pub use event::{EventInput, EventRef};
 use invocation::Invocation;
 pub use services::{MappingFailure, MemoryServices, Revisioned, Services, StateFailure};
 
@@ -103,37 +105,6 @@ pub enum RuntimeError {
         /// What it asked for.
         requested: u64,
     },
-}
-
-/// One event, as handed to a guest.
-#[derive(Debug, Clone, Default)]
-pub struct EventInput {
-    /// The provider's event id.
-    pub id: Option<String>,
-    /// The idempotency key.
-    pub idempotency_key: String,
-    /// The provider (or emitting handler).
-    pub provider: String,
-    /// The event type.
-    pub event_type: String,
-    /// The domain.
-    pub domain: String,
-    /// The entity id.
-    pub entity_id: String,
-    /// The entity version.
-    pub entity_version: Option<String>,
-    /// The correlation id.
-    pub correlation_id: String,
-    /// The stored subject.
-    pub subject: String,
-    /// When it was received (RFC 3339).
-    pub received_at: String,
-    /// Delivery attempt, from 1.
-    pub attempt: u32,
-    /// Message headers.
-    pub headers: Vec<(String, String)>,
-    /// The payload.
-    pub payload: Vec<u8>,
 }
 
 /// A follow-up event a handler emitted.
@@ -547,7 +518,8 @@ impl Runtime {
         event: EventInput,
         services: Arc<dyn Services>,
     ) -> Invoked {
-        self.invoke_traced(prepared, event, services, &Trace::off())
+        let headers = event.header_refs();
+        self.invoke_traced(prepared, &event.as_ref(&headers), services, &Trace::off())
             .await
     }
 
@@ -557,7 +529,7 @@ impl Runtime {
     pub async fn invoke_traced(
         &self,
         prepared: &Prepared,
-        event: EventInput,
+        event: &EventRef<'_>,
         services: Arc<dyn Services>,
         trace: &Trace,
     ) -> Invoked {
@@ -568,13 +540,11 @@ impl Runtime {
         let origin = http::Origin {
             handler: prepared.manifest.name.clone(),
             version: prepared.version.clone(),
-            idempotency_key: event.idempotency_key.clone(),
-            correlation_id: event.correlation_id.clone(),
+            idempotency_key: event.idempotency_key.to_string(),
+            correlation_id: event.correlation_id.to_string(),
             traceparent: event
-                .headers
-                .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(crate::headers::TRACEPARENT))
-                .map(|(_, value)| value.clone()),
+                .header(crate::headers::TRACEPARENT)
+                .map(str::to_string),
             trace: trace.clone(),
         };
         let mut store = self.store(prepared, services, origin, started);
@@ -582,19 +552,25 @@ impl Runtime {
             let returned: Result<(), Verdict> = match &prepared.pre {
                 Pre::V0_2(pre) => {
                     let handler = pre.instantiate_async(&mut store).await?;
-                    let event = v0_2::hookmesh::handler::types::Event::from(event);
-                    handler
-                        .call_handle(&mut store, &event)
-                        .await?
-                        .map_err(Verdict::from)
+                    let handle = handler.func_handle();
+                    call_handle::<v0_2::hookmesh::handler::types::HandlerError>(
+                        handle.func(),
+                        &mut store,
+                        event,
+                    )
+                    .await?
+                    .map_err(Verdict::from)
                 }
                 Pre::V0_1(pre) => {
                     let handler = pre.instantiate_async(&mut store).await?;
-                    let event = v0_1::hookmesh::handler::types::Event::from(event);
-                    handler
-                        .call_handle(&mut store, &event)
-                        .await?
-                        .map_err(Verdict::from)
+                    let handle = handler.func_handle();
+                    call_handle::<v0_1::hookmesh::handler::types::HandlerError>(
+                        handle.func(),
+                        &mut store,
+                        event,
+                    )
+                    .await?
+                    .map_err(Verdict::from)
                 }
             };
             Ok::<_, wasmtime::Error>(returned)
@@ -629,6 +605,23 @@ impl Runtime {
             log_dropped: store.data().log.dropped(),
         }
     }
+}
+
+/// Calls a component's `handle` with the event lowered from where it is
+/// borrowed (the generated binding's `Event` owns its strings, so every
+/// one would be copied once more first). `E` is the version's
+/// `handler-error`.
+async fn call_handle<E>(
+    handle: &wasmtime::component::Func,
+    store: &mut Store<Invocation>,
+    event: &EventRef<'_>,
+) -> wasmtime::Result<Result<(), E>>
+where
+    E: wasmtime::component::Lift + Send + Sync + 'static,
+{
+    let typed = handle.typed::<(&EventRef<'_>,), (Result<(), E>,)>(&*store)?;
+    let (returned,) = typed.call_async(&mut *store, (event,)).await?;
+    Ok(returned)
 }
 
 /// A short, ops-readable description of a trap.
