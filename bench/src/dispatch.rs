@@ -36,6 +36,10 @@
 //! (both from `/proc`): per message, that says where the time goes, and the
 //! wait says how much a shared machine held the run back.
 //!
+//! `--runs N` measures N pairs (each on a nats-server of its own) and gives
+//! the medians: the ratio of each pair is taken within the pair, so a
+//! machine whose load drifts between pairs moves both sides of it.
+//!
 //! `--breakdown` adds rows that take the host side apart (its consumer
 //! pattern without a handler, with different acks, with a large
 //! `max_ack_pending`, with `Runtime::invoke` but without the host's glue).
@@ -133,15 +137,24 @@ pub struct Args {
     /// The handler's `concurrency` (events in flight per host).
     #[arg(long, default_value_t = 64)]
     pub concurrency: u32,
+    /// Pairs of runs (baseline, then hookmesh, each pair on a nats-server
+    /// of its own); the JSON line gives their medians. On a shared machine
+    /// one pair says little: its load changes within seconds.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
 }
 
-/// The JSON line: the figures scripts compare across runs.
+/// The JSON line: the figures scripts compare across runs. With `--runs`,
+/// the rates and the ratio are medians of the pairs (each ratio from its
+/// own pair), and `ratios` lists every pair's.
 #[derive(Debug, Serialize)]
 struct Summary {
     scenario: &'static str,
+    runs: usize,
     baseline_rate: f64,
     hookmesh_rate: f64,
     ratio: f64,
+    ratios: Vec<f64>,
     overhead_p50_us: f64,
     overhead_p99_us: f64,
 }
@@ -225,16 +238,67 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
     progress("overhead: Runtime::invoke of the no-op, sequentially");
     let overhead = overhead(&manifest, &bytes, &args).await?;
 
+    let runs = args.runs.max(1);
+    let mut pairs = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        if runs > 1 {
+            progress(&format!("pair {run} of {runs}"));
+        }
+        pairs.push(measure_pair(&manifest, &bytes, &args, limit, &overhead).await?);
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|(b, h)| h / b).collect();
+    let baseline_rate = median(pairs.iter().map(|(b, _)| *b).collect());
+    let hookmesh_rate = median(pairs.iter().map(|(_, h)| *h).collect());
+    let ratio = median(ratios.clone());
+    if runs > 1 {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+        println!(
+            "median of {runs} pairs: ratio {ratio:.3} (each: {}), baseline {baseline_rate:.0} msg/s, hookmesh {hookmesh_rate:.0} events/s",
+            each.join(", ")
+        );
+    }
+    stats::print_json_line(&Summary {
+        scenario: "dispatch",
+        runs,
+        baseline_rate: stats::round(baseline_rate, 1),
+        hookmesh_rate: stats::round(hookmesh_rate, 1),
+        ratio: stats::round(ratio, 4),
+        ratios: ratios.iter().map(|r| stats::round(*r, 4)).collect(),
+        overhead_p50_us: stats::round(overhead.us(50.0), 1),
+        overhead_p99_us: stats::round(overhead.us(99.0), 1),
+    })?;
+    Ok(Verdict::Clean)
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One pair: the baseline, then hookmesh, on a nats-server of their own;
+/// prints the pair's table and returns both rates.
+async fn measure_pair(
+    manifest: &Manifest,
+    bytes: &[u8],
+    args: &Args,
+    limit: Duration,
+    overhead: &Overhead,
+) -> anyhow::Result<(f64, f64)> {
     let server = crate::host::start_nats().await?;
     let url = server.url();
     let nats_pid = server.pid();
 
     progress("baseline: raw pull consumer, fetch + ack");
-    let (baseline, version) = baseline(&url, nats_pid, &args, limit).await?;
+    let (baseline, version) = baseline(&url, nats_pid, args, limit).await?;
     progress("hookmesh: the host dispatching to the no-op handler");
-    let (hookmesh, detail) = hookmesh_side(&url, nats_pid, manifest.clone(), &args, limit).await?;
+    let (hookmesh, detail) = hookmesh_side(&url, nats_pid, manifest.clone(), args, limit).await?;
     let breakdown = if args.breakdown {
-        breakdown(&url, nats_pid, &manifest, &bytes, &args, limit).await?
+        breakdown(&url, nats_pid, manifest, bytes, args, limit).await?
     } else {
         Vec::new()
     };
@@ -249,25 +313,18 @@ pub async fn run(args: Args) -> anyhow::Result<Verdict> {
         &hookmesh,
         &detail,
         &breakdown,
-        &overhead,
+        overhead,
     );
     let ratio = hookmesh.rate() / baseline.rate();
     println!("ratio hookmesh/baseline: {ratio:.3}");
-    stats::print_json_line(&Summary {
-        scenario: "dispatch",
-        baseline_rate: stats::round(baseline.rate(), 1),
-        hookmesh_rate: stats::round(hookmesh.rate(), 1),
-        ratio: stats::round(ratio, 4),
-        overhead_p50_us: stats::round(overhead.us(50.0), 1),
-        overhead_p99_us: stats::round(overhead.us(99.0), 1),
-    })?;
-    Ok(Verdict::Clean)
+    Ok((baseline.rate(), hookmesh.rate()))
 }
 
 /// The JSON line of the slow-handler variant.
 #[derive(Debug, Serialize)]
 struct SlowSummary {
     scenario: &'static str,
+    runs: usize,
     handler_ms: u64,
     concurrency: u32,
     hookmesh_rate: f64,
@@ -296,30 +353,52 @@ async fn run_slow(args: Args, limit: Duration) -> anyhow::Result<Verdict> {
     manifest
         .validate()
         .map_err(|e| anyhow::anyhow!("the bench's manifest: {e}"))?;
-    let server = crate::host::start_nats().await?;
-    let (hookmesh, detail) =
-        hookmesh_side(&server.url(), server.pid(), manifest, &args, limit).await?;
-    drop(server);
     let ideal = f64::from(args.concurrency) / (args.handler_ms as f64 / 1000.0);
-    let rate = hookmesh.rate();
-    let nats_us = hookmesh
-        .cpu
-        .nats
-        .map(|s| s * 1e6 / hookmesh.messages.max(1) as f64);
     println!(
         "dispatch --handler-ms {} --concurrency {}: {} events, {} partitions, {} entities",
         args.handler_ms, args.concurrency, args.messages, args.partitions, args.entities
     );
-    println!(
-        "  hookmesh {rate:.0} events/s (host start included; first handled after {:.2} s), ideal {ideal:.0}/s, ratio {:.3}",
-        detail.first_handled.as_secs_f64(),
-        rate / ideal
-    );
-    if let Some(us) = nats_us {
-        println!("  nats-server CPU {us:.1} µs per event");
+    let runs = args.runs.max(1);
+    let mut rates = Vec::with_capacity(runs);
+    let mut nats = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        if runs > 1 {
+            progress(&format!("run {run} of {runs}"));
+        }
+        let server = crate::host::start_nats().await?;
+        let (hookmesh, detail) =
+            hookmesh_side(&server.url(), server.pid(), manifest.clone(), &args, limit).await?;
+        drop(server);
+        let rate = hookmesh.rate();
+        let nats_us = hookmesh
+            .cpu
+            .nats
+            .map(|s| s * 1e6 / hookmesh.messages.max(1) as f64);
+        println!(
+            "  hookmesh {rate:.0} events/s (host start included; first handled after {:.2} s), ideal {ideal:.0}/s, ratio {:.3}",
+            detail.first_handled.as_secs_f64(),
+            rate / ideal
+        );
+        if let Some(us) = nats_us {
+            println!("  nats-server CPU {us:.1} µs per event");
+            nats.push(us);
+        }
+        rates.push(rate);
+    }
+    let rate = median(rates);
+    let nats_us = (!nats.is_empty()).then(|| median(nats));
+    if runs > 1 {
+        println!(
+            "  median of {runs} runs: {rate:.0} events/s, ratio {:.3}{}",
+            rate / ideal,
+            nats_us
+                .map(|us| format!(", nats-server CPU {us:.1} µs per event"))
+                .unwrap_or_default()
+        );
     }
     stats::print_json_line(&SlowSummary {
         scenario: "dispatch-slow-handler",
+        runs,
         handler_ms: args.handler_ms,
         concurrency: args.concurrency,
         hookmesh_rate: stats::round(rate, 1),
@@ -1322,6 +1401,14 @@ fn print_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_take_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![0.5, 0.3, 0.4]), 0.4);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![7.0]), 7.0);
+        assert!(median(Vec::new()).is_nan());
+    }
 
     #[test]
     fn payloads_have_the_size_asked_for() {
