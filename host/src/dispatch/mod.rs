@@ -365,16 +365,17 @@ impl Dispatch {
     ) -> Result<consumer::PullConsumer, DispatchError> {
         let config = Self::consumer_config(manifest, partition)?;
         let name = manifest.consumer_name(partition);
+        // Only the stream's name is needed, not its info: no request.
         let stream = self
             .js
-            .get_stream(EVENTS_STREAM)
+            .get_stream_no_info(EVENTS_STREAM)
             .await
             .map_err(|e| DispatchError::nats(EVENTS_STREAM, e))?;
         // A consumer already as the manifest wants it is left alone: an
         // update is a write to the server's consumer state for nothing.
-        if let Ok(mut existing) = stream.get_consumer::<consumer::pull::Config>(&name).await
-            && let Ok(info) = existing.info().await
-            && same_settings(&info.config, &config)
+        // Getting it read its info; that is not asked for a second time.
+        if let Ok(existing) = stream.get_consumer::<consumer::pull::Config>(&name).await
+            && same_settings(&existing.cached_info().config, &config)
         {
             return Ok(existing);
         }
