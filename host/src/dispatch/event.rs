@@ -1,4 +1,4 @@
-//! Between stored messages and the runtime: a delivery becomes an
+//! Between stored messages and the runtime: a delivery is read as a
 //! [`StoredEvent`]; a handler's emits become messages on `HOOK_EVENTS`.
 
 use std::borrow::Cow;
