@@ -1262,7 +1262,7 @@ async fn run_variant(
                         .runtime
                         .invoke_traced(
                             &invoker.prepared,
-                            &event.as_ref(),
+                            &event.as_event(),
                             invoker.services.clone(),
                             &hookmesh::telemetry::Trace::off(),
                         )

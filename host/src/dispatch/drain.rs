@@ -289,7 +289,7 @@ impl Dispatch {
             let outcome = self
                 // A held event may have run before (its entity was held
                 // after a failure, or its run's ack was lost).
-                .execute(prepared, input.as_ref(), stream_seq, true)
+                .execute(prepared, input.as_event(), stream_seq, true)
                 .instrument(span.clone())
                 .await;
             drop(permit);

@@ -14,24 +14,25 @@ use crate::runtime::{Emit, EventRef};
 use crate::subject::{EventAddress, TokenError, default_domain};
 use crate::telemetry::{KeyValue, SpanKind, Trace, names};
 
-/// What an emit inherits from the event that caused it.
-#[derive(Debug, Clone)]
-pub struct Source {
+/// What an emit inherits from the event that caused it, borrowed from
+/// that event: nothing is copied for the events that emit nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
     /// The source event's idempotency key (emit ids derive from it).
-    pub idempotency_key: String,
+    pub idempotency_key: &'a str,
     /// Carried on.
-    pub correlation_id: String,
+    pub correlation_id: &'a str,
     /// Carried on.
-    pub traceparent: Option<String>,
+    pub traceparent: Option<&'a str>,
 }
 
-impl Source {
+impl<'a> Source<'a> {
     /// What the emits of `event` inherit.
-    pub fn of(event: &EventRef<'_>) -> Source {
+    pub fn of(event: &EventRef<'a>) -> Source<'a> {
         Source {
-            idempotency_key: event.idempotency_key.to_string(),
-            correlation_id: event.correlation_id.to_string(),
-            traceparent: event.header(header::TRACEPARENT).map(str::to_string),
+            idempotency_key: event.idempotency_key,
+            correlation_id: event.correlation_id,
+            traceparent: event.header(header::TRACEPARENT),
         }
     }
 }
@@ -64,7 +65,7 @@ pub fn input(message: &jetstream::Message, delivery: u64) -> Result<StoredEvent<
 
 /// An event as it is stored, borrowed from the message it was read from;
 /// only what the message lacks (a value its subject gives, a generated
-/// correlation id) is owned. [`StoredEvent::as_ref`] is what a handler is
+/// correlation id) is owned. [`StoredEvent::as_event`] is what a handler is
 /// called with.
 #[derive(Debug)]
 pub struct StoredEvent<'a> {
@@ -85,7 +86,7 @@ pub struct StoredEvent<'a> {
 
 impl StoredEvent<'_> {
     /// The event as the runtime lowers it into the guest.
-    pub fn as_ref(&self) -> EventRef<'_> {
+    pub fn as_event(&self) -> EventRef<'_> {
         EventRef {
             id: self.id,
             idempotency_key: &self.idempotency_key,
@@ -279,7 +280,7 @@ impl EmitError {
 pub async fn publish_emits(
     js: &jetstream::Context,
     handler: &str,
-    source: &Source,
+    source: &Source<'_>,
     emits: &[Emit],
     partitions: u32,
     trace: &Trace,
@@ -343,8 +344,8 @@ pub async fn publish_emits(
             entity: &emit.entity_id,
             entity_version: None,
             received_at: &received_at,
-            correlation_id: &source.correlation_id,
-            traceparent: traceparent.as_deref().or(source.traceparent.as_deref()),
+            correlation_id: source.correlation_id,
+            traceparent: traceparent.as_deref().or(source.traceparent),
             content_type: "application/json",
         }
         .to_map()
@@ -433,7 +434,7 @@ mod tests {
         headers.insert(header::MSG_ID, "crm:e-1");
         headers.insert("X-Other", "kept");
         let stored = input_from(&subject, Some(&headers), b"{}", 7, 2).expect("an event");
-        let input = stored.as_ref();
+        let input = stored.as_event();
         assert_eq!(input.id, Some("exact"));
         assert_eq!(input.correlation_id, "corr-upper");
         assert_eq!(input.idempotency_key, "crm:e-1");
@@ -452,7 +453,7 @@ mod tests {
         assert!(input.headers.contains(&(header::EVENT_ID, "exact-second")));
 
         let bare = input_from(&subject, None, b"", 9, 1).expect("an event");
-        let bare = bare.as_ref();
+        let bare = bare.as_event();
         assert_eq!(bare.idempotency_key, "seq:9");
         assert_eq!(bare.id, None);
         assert!(bare.headers.is_empty());
@@ -479,8 +480,8 @@ mod tests {
             .expect("stored")
             .sequence;
         let source = Source {
-            idempotency_key: "crm:evt-1".into(),
-            correlation_id: "c-1".into(),
+            idempotency_key: "crm:evt-1",
+            correlation_id: "c-1",
             traceparent: None,
         };
         let emits = [Emit {
@@ -504,8 +505,8 @@ mod tests {
         assert_eq!(stored(&js).await, 3);
         // A run again whose emit no earlier run stored publishes it.
         let other = Source {
-            idempotency_key: "crm:evt-2".into(),
-            ..source.clone()
+            idempotency_key: "crm:evt-2",
+            ..source
         };
         publish_emits(&js, "sync", &other, &emits, 16, &trace, Some(source_seq))
             .await

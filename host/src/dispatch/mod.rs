@@ -489,7 +489,7 @@ impl Dispatch {
     async fn settle_verdict(
         &self,
         manifest: &Manifest,
-        source: &event::Source,
+        source: &event::Source<'_>,
         invoked: crate::runtime::Invoked,
         trace: &Trace,
         rerun_of: Option<u64>,
@@ -622,14 +622,14 @@ pub fn version_of(prepared: &Prepared) -> String {
 fn invocation_span(
     prepared: &Prepared,
     input: &EventRef<'_>,
-    source: &event::Source,
+    source: &event::Source<'_>,
     stream_seq: u64,
 ) -> Trace {
     let manifest = &prepared.manifest;
     let trace = Trace::start(
         format!("invoke {}", manifest.name),
         SpanKind::Consumer,
-        source.traceparent.as_deref(),
+        source.traceparent,
         || {
             vec![
                 KeyValue::new("messaging.system", "nats"),

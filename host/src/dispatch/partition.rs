@@ -618,7 +618,7 @@ async fn attempts_loop(
                 // queued.
                 let rerun = delivery > 1 || attempt > 1;
                 let execute =
-                    Box::pin(dispatch.execute(&prepared, input.as_ref(), stream_seq, rerun));
+                    Box::pin(dispatch.execute(&prepared, input.as_event(), stream_seq, rerun));
                 with_progress(message, manifest, &shared.fence, execute)
                     .instrument(span.clone())
                     .await

@@ -124,7 +124,7 @@ impl Dispatch {
             trace_id = tracing::field::Empty,
         );
         async {
-            let outcome = self.execute(&prepared, input.as_ref(), dead.stream_seq, true).await;
+            let outcome = self.execute(&prepared, input.as_event(), dead.stream_seq, true).await;
             let mut record = AuditRecord::new(
                 Action::Replay,
                 &request.actor,

@@ -45,9 +45,9 @@ pub struct EventRef<'a> {
     pub payload: &'a [u8],
 }
 
-impl EventRef<'_> {
+impl<'a> EventRef<'a> {
     /// The value of header `name` (any case), the first if repeated.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&'a str> {
         self.headers
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
@@ -87,7 +87,7 @@ pub struct EventInput {
 }
 
 impl EventInput {
-    /// The headers as [`EventRef::headers`] borrows them.
+    /// The headers as [`EventRef::headers`] borrows them (for [`as_event`](Self::as_event)).
     pub fn header_refs(&self) -> Vec<(&str, &str)> {
         self.headers
             .iter()
@@ -96,7 +96,7 @@ impl EventInput {
     }
 
     /// The event, borrowed, with `headers` from [`header_refs`](Self::header_refs).
-    pub fn as_ref<'a>(&'a self, headers: &'a [(&'a str, &'a str)]) -> EventRef<'a> {
+    pub fn as_event<'a>(&'a self, headers: &'a [(&'a str, &'a str)]) -> EventRef<'a> {
         EventRef {
             id: self.id.as_deref(),
             idempotency_key: &self.idempotency_key,

@@ -519,7 +519,7 @@ impl Runtime {
         services: Arc<dyn Services>,
     ) -> Invoked {
         let headers = event.header_refs();
-        self.invoke_traced(prepared, &event.as_ref(&headers), services, &Trace::off())
+        self.invoke_traced(prepared, &event.as_event(&headers), services, &Trace::off())
             .await
     }
 
