@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use hookmesh::headers as header;
 use hookmesh::manifest::Manifest;
 use hookmesh::streams::EVENTS_STREAM;
 use hookmesh_test_support::NatsServer;
@@ -595,6 +596,88 @@ async fn the_sandbox_denies_files_environment_clock_and_network_unless_granted()
             .starts_with("Err"),
         "still no files: {report}"
     );
+}
+
+#[tokio::test]
+async fn a_guest_receives_the_event_exactly_as_it_is_stored() {
+    let nats = NatsServer::start().expect("nats");
+    let host = host_with(
+        &nats,
+        vec![manifest("probe", "fixture_sandbox", "crm.probe.>")],
+    )
+    .await;
+    let js = jetstream(&nats).await;
+    let body = serde_json::to_vec(&json!({"type":"probe.run","data":{"id":"P-2"}})).expect("json");
+    assert_eq!(host.send("crm", body, "p-2").await.status, 202);
+    wait_for(Duration::from_secs(10), "the report", || async {
+        messages(&js, "hook.probe.").await.len() == 1
+    })
+    .await;
+    let report = &messages(&js, "hook.probe.").await[0].1;
+    // Every field and every header, compared with the stored message (not
+    // with what this test sent): the host lowers the event borrowed from
+    // the delivery, and a value put in the wrong field would show here.
+    let stored = stored_messages(&js, EVENTS_STREAM)
+        .await
+        .into_iter()
+        .find(|m| m.subject.starts_with("hook.crm.probe."))
+        .expect("the webhook's stored event");
+    let stored_header = |name: &str| {
+        stored
+            .headers
+            .get(name)
+            .map(|value| Value::from(value.as_str()))
+            .unwrap_or(Value::Null)
+    };
+    let mut stored_headers: Vec<(String, String)> = stored
+        .headers
+        .iter()
+        .flat_map(|(name, values)| {
+            values
+                .iter()
+                .map(move |value| (name.to_string(), value.as_str().to_string()))
+        })
+        .collect();
+    stored_headers.sort();
+    assert!(stored_headers.len() >= 8, "{stored_headers:?}");
+    let seen = &report["event"];
+    let mut seen_headers: Vec<(String, String)> =
+        serde_json::from_value(seen["headers"].clone()).expect("headers");
+    seen_headers.sort();
+    assert_eq!(seen_headers, stored_headers);
+    assert_eq!(seen["subject"], stored.subject.as_str());
+    assert_eq!(
+        seen["payload"],
+        String::from_utf8_lossy(&stored.payload).as_ref()
+    );
+    assert_eq!(seen["idempotency_key"], stored_header(header::MSG_ID));
+    assert_eq!(seen["id"], stored_header(header::EVENT_ID));
+    assert_eq!(seen["provider"], stored_header(header::PROVIDER));
+    assert_eq!(seen["event_type"], stored_header(header::EVENT_TYPE));
+    assert_eq!(seen["domain"], stored_header(header::DOMAIN));
+    assert_eq!(seen["entity_id"], stored_header(header::ENTITY));
+    assert_eq!(
+        seen["entity_version"],
+        stored_header(header::ENTITY_VERSION)
+    );
+    assert_eq!(
+        seen["correlation_id"],
+        stored_header(header::CORRELATION_ID)
+    );
+    assert_eq!(seen["received_at"], stored_header(header::RECEIVED_AT));
+    assert_eq!(seen["attempt"], 1);
+    for field in [
+        "id",
+        "idempotency_key",
+        "provider",
+        "event_type",
+        "domain",
+        "entity_id",
+        "correlation_id",
+        "received_at",
+    ] {
+        assert!(seen[field].is_string(), "{field} missing: {seen}");
+    }
 }
 
 #[tokio::test]

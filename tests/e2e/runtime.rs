@@ -181,3 +181,54 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test]
+async fn an_owned_event_reaches_the_guest_field_for_field() {
+    let runtime = Runtime::new(Some(guest_cache_dir())).expect("runtime");
+    let probe = prepare(&runtime, "probe", "fixture_sandbox")
+        .await
+        .expect("sandbox probe");
+    let sent = EventInput {
+        id: Some("evt_1".into()),
+        entity_version: Some("7".into()),
+        received_at: "2026-01-02T03:04:05.678Z".into(),
+        headers: vec![
+            ("Nats-Msg-Id".into(), "crm:msg_1".into()),
+            ("X-Twice".into(), "first".into()),
+            ("X-Twice".into(), "second".into()),
+        ],
+        attempt: 3,
+        ..event()
+    };
+    let invoked = runtime.invoke(&probe, sent.clone(), services()).await;
+    assert_eq!(invoked.verdict, Verdict::Ok);
+    let report: serde_json::Value =
+        serde_json::from_slice(&invoked.emits[0].payload).expect("report");
+    let seen = &report["event"];
+    // Every field distinct from every other, so one put in another's
+    // place shows.
+    assert_eq!(seen["id"], "evt_1");
+    assert_eq!(seen["idempotency_key"], sent.idempotency_key.as_str());
+    assert_eq!(seen["provider"], sent.provider.as_str());
+    assert_eq!(seen["event_type"], sent.event_type.as_str());
+    assert_eq!(seen["domain"], sent.domain.as_str());
+    assert_eq!(seen["entity_id"], sent.entity_id.as_str());
+    assert_eq!(seen["entity_version"], "7");
+    assert_eq!(seen["correlation_id"], sent.correlation_id.as_str());
+    assert_eq!(seen["subject"], sent.subject.as_str());
+    assert_eq!(seen["received_at"], sent.received_at.as_str());
+    assert_eq!(seen["attempt"], 3);
+    assert_eq!(
+        seen["headers"],
+        serde_json::json!([
+            ["Nats-Msg-Id", "crm:msg_1"],
+            ["X-Twice", "first"],
+            ["X-Twice", "second"]
+        ]),
+        "every header, in order, repeats kept"
+    );
+    assert_eq!(
+        seen["payload"],
+        String::from_utf8_lossy(&sent.payload).as_ref()
+    );
+}
