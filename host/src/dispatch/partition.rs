@@ -147,8 +147,10 @@ impl Dispatch {
         debug!(%handler, partition, "working the partition");
         let mut last_pull_ended = tokio::time::Instant::now();
         // Deliveries may be out there (a previous holder's, a lost pull's):
-        // nothing starts until the server's count agrees with ours.
-        let mut recount = Recount::due();
+        // nothing starts until the server's count agrees with ours. Binding
+        // read the consumer's info after the lease was taken: that count
+        // decides whether to ask again.
+        let mut recount = Recount::at_start(consumer.cached_info().num_ack_pending);
         // An event pulled (or released by the recount) starts when its
         // entity is idle, else waits behind the entity's running one.
         macro_rules! admit {

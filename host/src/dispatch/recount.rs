@@ -57,11 +57,16 @@ pub(super) struct Recount {
 }
 
 impl Recount {
-    /// A recount due at once (the owner has just started).
-    pub(super) fn due() -> Recount {
+    /// The recount of an owner that has just started and holds nothing,
+    /// from the events awaiting an ack that the server counted after the
+    /// owner's lease was taken: none, and nothing can have gone astray
+    /// (no pull of a previous holder is open once the lease is this
+    /// owner's, and this one has not pulled yet); some, and they must come
+    /// back first — a recount due at once.
+    pub(super) fn at_start(ack_pending: usize) -> Recount {
         let now = Instant::now();
         Recount {
-            active: Some((now, now)),
+            active: (ack_pending > 0).then_some((now, now)),
             held: Vec::new(),
         }
     }
@@ -186,6 +191,11 @@ mod tests {
         let first = recount.active;
         recount.start();
         assert_eq!(recount.active, first, "a recount under way goes on");
-        assert!(Recount::due().active());
+        assert!(Recount::at_start(1).active());
+        assert!(Recount::at_start(1).due_now());
+        assert!(
+            !Recount::at_start(0).active(),
+            "nothing out there: no recount"
+        );
     }
 }
