@@ -11,6 +11,7 @@
 //! one valid subject token, wildcards cannot be smuggled in, and decoding
 //! gives back the exact original.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 pub mod limits;
@@ -25,7 +26,7 @@ pub fn encode_token(value: &str) -> String {
     }
     let mut out = String::with_capacity(value.len());
     for &b in value.as_bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+        if plain(b) {
             out.push(b as char);
         } else {
             // Writing to a String cannot fail.
@@ -48,11 +49,27 @@ pub enum TokenError {
 
 /// Decodes a token made by [`encode_token`].
 pub fn decode_token(token: &str) -> Result<String, TokenError> {
+    decode_token_cow(token).map(Cow::into_owned)
+}
+
+/// [`decode_token`] without a copy when the token holds no escape (the
+/// usual case: such a token is its own value).
+pub fn decode_token_cow(token: &str) -> Result<Cow<'_, str>, TokenError> {
     if token == "~" {
-        return Ok(String::new());
+        return Ok(Cow::Borrowed(""));
     }
     let malformed = || TokenError::Malformed(token.to_string());
     let bytes = token.as_bytes();
+    if bytes.is_empty() {
+        return Err(malformed());
+    }
+    if !bytes.contains(&b'~') {
+        return if bytes.iter().all(|&b| plain(b)) {
+            Ok(Cow::Borrowed(token))
+        } else {
+            Err(malformed())
+        };
+    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -63,17 +80,21 @@ pub fn decode_token(token: &str) -> Result<String, TokenError> {
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| malformed())?);
                 i += 3;
             }
-            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {
+            b if plain(b) => {
                 out.push(b);
                 i += 1;
             }
             _ => return Err(malformed()),
         }
     }
-    if out.is_empty() {
-        return Err(malformed());
-    }
-    String::from_utf8(out).map_err(|_| TokenError::NotUtf8(token.to_string()))
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| TokenError::NotUtf8(token.to_string()))
+}
+
+/// A byte a token carries as itself.
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
 /// Encodes an event type: each `.`-separated segment becomes one token, so
@@ -167,24 +188,51 @@ impl EventAddress {
 
     /// Parses an event subject back into its parts.
     pub fn parse(subject: &str) -> Result<Self, TokenError> {
+        let parts = SubjectParts::parse(subject)?;
+        Ok(EventAddress {
+            provider: parts.provider.into_owned(),
+            domain: parts.domain.into_owned(),
+            partition: parts.partition,
+            entity: parts.entity.into_owned(),
+            event_type: parts.event_type.into_owned(),
+        })
+    }
+}
+
+/// The decoded parts of an event subject, borrowed from it where a token
+/// holds no escape: what reading an event needs, without a copy per part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectParts<'a> {
+    /// The provider (or, for emitted events, the handler).
+    pub provider: Cow<'a, str>,
+    /// The domain, e.g. `order`.
+    pub domain: Cow<'a, str>,
+    /// The partition number.
+    pub partition: u32,
+    /// The entity id.
+    pub entity: Cow<'a, str>,
+    /// The event type, e.g. `order.created`.
+    pub event_type: Cow<'a, str>,
+}
+
+impl<'a> SubjectParts<'a> {
+    /// Parses `hook.<provider>.<domain>.<partition>.<entity>.<event type…>`.
+    pub fn parse(subject: &'a str) -> Result<Self, TokenError> {
         let malformed = || TokenError::Malformed(subject.to_string());
-        let mut tokens = subject.split('.');
+        let mut tokens = subject.splitn(6, '.');
         if tokens.next() != Some(EVENT_PREFIX) {
             return Err(malformed());
         }
         let mut next = || tokens.next().ok_or_else(malformed);
-        let provider = decode_token(next()?)?;
-        let domain = decode_token(next()?)?;
+        let provider = decode_token_cow(next()?)?;
+        let domain = decode_token_cow(next()?)?;
         let partition = next()?.parse().map_err(|_| malformed())?;
-        let entity = decode_token(next()?)?;
-        let event_type = tokens
-            .map(decode_token)
-            .collect::<Result<Vec<_>, _>>()?
-            .join(".");
+        let entity = decode_token_cow(next()?)?;
+        let event_type = decode_event_type(next()?)?;
         if event_type.is_empty() {
             return Err(malformed());
         }
-        Ok(EventAddress {
+        Ok(SubjectParts {
             provider,
             domain,
             partition,
@@ -192,6 +240,22 @@ impl EventAddress {
             event_type,
         })
     }
+}
+
+/// Decodes the event type's tokens (`order.created`): the tokens as they
+/// stand when none holds an escape.
+fn decode_event_type(tokens: &str) -> Result<Cow<'_, str>, TokenError> {
+    if !tokens.contains('~') {
+        for token in tokens.split('.') {
+            decode_token_cow(token)?;
+        }
+        return Ok(Cow::Borrowed(tokens));
+    }
+    let decoded = tokens
+        .split('.')
+        .map(decode_token_cow)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Cow::Owned(decoded.join(".")))
 }
 
 /// The default domain of an event type: its first segment, where `.` and `/`
@@ -227,6 +291,34 @@ mod tests {
     fn malformed_tokens_are_refused() {
         for bad in ["", "~4", "~GG", "a.b", "a*", "~FF"] {
             assert!(decode_token(bad).is_err(), "{bad:?} must not decode");
+            assert!(decode_token_cow(bad).is_err(), "{bad:?} must not decode");
+        }
+    }
+
+    #[test]
+    fn plain_parts_are_read_in_place_and_escaped_ones_decoded() {
+        let plain = SubjectParts::parse("hook.crm.order.6.ORD-1.order.created").expect("parts");
+        assert!(matches!(plain.provider, Cow::Borrowed("crm")));
+        assert!(matches!(plain.domain, Cow::Borrowed("order")));
+        assert_eq!(plain.partition, 6);
+        assert!(matches!(plain.entity, Cow::Borrowed("ORD-1")));
+        assert!(matches!(plain.event_type, Cow::Borrowed("order.created")));
+        let escaped =
+            SubjectParts::parse("hook.shop.~.3.gid~3A~2F~2F1.orders~2Fcreate.~").expect("parts");
+        assert_eq!(escaped.domain, "");
+        assert_eq!(escaped.entity, "gid://1");
+        assert_eq!(escaped.event_type, "orders/create.");
+        for bad in [
+            "hook.crm.order.6.ORD-1",
+            "hook.crm.order.x.ORD-1.order.created",
+            "hook.crm.order.6.ORD-1.order.",
+            "hook.crm.order.6.ORD-1.order..created",
+            "hook.crm.order.6.ORD-1.ord*er",
+            "hook.crm.order.6.ORD-1.order.~4",
+            "hook.crm..6.ORD-1.order.created",
+            "hooks.crm.order.6.ORD-1.order.created",
+        ] {
+            assert!(SubjectParts::parse(bad).is_err(), "{bad:?} must not parse");
         }
     }
 

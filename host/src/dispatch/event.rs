@@ -11,7 +11,7 @@ use futures::future::try_join_all;
 
 use crate::headers::{self as header, BadHeader, EventHeaders};
 use crate::runtime::{Emit, EventRef};
-use crate::subject::{EventAddress, TokenError, default_domain};
+use crate::subject::{EventAddress, SubjectParts, TokenError, default_domain};
 use crate::telemetry::{KeyValue, SpanKind, Trace, names};
 
 /// What an emit inherits from the event that caused it, borrowed from
@@ -120,7 +120,7 @@ pub fn input_from<'a>(
     stream_seq: u64,
     attempt: u64,
 ) -> Result<StoredEvent<'a>, NotAnEvent> {
-    let address = EventAddress::parse(subject).map_err(NotAnEvent::Subject)?;
+    let address = SubjectParts::parse(subject).map_err(NotAnEvent::Subject)?;
     // One pass over the headers, nothing copied; the named ones are picked
     // out on the way (a map lookup per name cost more than this).
     let mut known = KnownHeaders::default();
@@ -147,9 +147,9 @@ pub fn input_from<'a>(
         correlation_id,
         received_at,
     ] = known.values;
-    let or_subject = |value: Option<&'a str>, from_subject: String| match value {
+    let or_subject = |value: Option<&'a str>, from_subject: Cow<'a, str>| match value {
         Some(value) => Cow::Borrowed(value),
-        None => Cow::Owned(from_subject),
+        None => from_subject,
     };
     Ok(StoredEvent {
         id,
