@@ -1252,11 +1252,15 @@ async fn run_variant(
                     }
                     Err(e) => bail!("pulling after {settled}: {e}"),
                 };
-                if message.info().is_ok_and(|info| info.delivered > 1) {
+                let (stream_seq, delivered) = message
+                    .info()
+                    .map(|info| (info.stream_sequence, info.delivered))
+                    .map_err(|e| anyhow::anyhow!("a delivery without metadata: {e}"))?;
+                if delivered > 1 {
                     redelivered += 1;
                 }
                 if let Some(invoker) = &invoker {
-                    let event = hookmesh::dispatch::event_input(&message, 1)
+                    let event = hookmesh::dispatch::event_input(&message, stream_seq, 1)
                         .map_err(|e| anyhow::anyhow!("not an event: {e}"))?;
                     let invoked = invoker
                         .runtime

@@ -41,25 +41,26 @@ impl<'a> Source<'a> {
 /// a permanent failure).
 #[derive(Debug, thiserror::Error)]
 pub enum NotAnEvent {
-    /// The delivery carries no JetStream metadata.
-    #[error("delivery without JetStream metadata: {0}")]
-    NoMetadata(#[source] async_nats::Error),
     /// The subject is not `hook.<provider>.<domain>.<partition>.<entity>.<type…>`.
     #[error("not a hookmesh event subject: {0}")]
     Subject(#[source] TokenError),
 }
 
-/// The event of delivery number `delivery` of a message. Headers hookmesh
-/// wrote are preferred; a message someone published by hand falls back to
-/// what its subject says.
-pub fn input(message: &jetstream::Message, delivery: u64) -> Result<StoredEvent<'_>, NotAnEvent> {
-    let info = message.info().map_err(NotAnEvent::NoMetadata)?;
+/// The event of a delivered message stored at `stream_seq` (the caller has
+/// read the delivery's metadata), for attempt number `attempt`. Headers
+/// hookmesh wrote are preferred; a message someone published by hand falls
+/// back to what its subject says.
+pub fn input(
+    message: &jetstream::Message,
+    stream_seq: u64,
+    attempt: u64,
+) -> Result<StoredEvent<'_>, NotAnEvent> {
     input_from(
         &message.subject,
         message.headers.as_ref(),
         &message.payload,
-        info.stream_sequence,
-        delivery,
+        stream_seq,
+        attempt,
     )
 }
 

@@ -584,13 +584,7 @@ async fn attempts_loop(
         let version = version_of(&prepared);
         // A delivery that is not a hookmesh event fails like a permanent
         // error: the settle policy makes it a dead letter.
-        let input = event::input_from(
-            &message.subject,
-            message.headers.as_ref(),
-            &message.payload,
-            stream_seq,
-            attempt,
-        );
+        let input = event::input(message, stream_seq, attempt);
         let correlation_id = input
             .as_ref()
             .map(|i| i.correlation_id())
